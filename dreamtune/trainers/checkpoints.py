@@ -1,0 +1,81 @@
+"""Resumable training state: written atomically, rotated, found again on resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; half-written (.tmp) folders are ignored."""
+    if not checkpoints_dir.is_dir():
+        return []
+    done = [p for p in checkpoints_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    done = [p for p in done if (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
+    """``auto`` -> the latest complete checkpoint (or None: a fresh start); a path must be a checkpoint."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(checkpoints_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"train.resume: {path} is not a complete checkpoint (no {STATE_FILE}); "
+            f"use 'auto' or a folder under {checkpoints_dir}"
+        )
+    return path
+
+
+def rotate(checkpoints_dir: Path, keep: int | None) -> None:
+    """Delete the oldest complete checkpoints beyond ``keep``, and stale half-written ones."""
+    for stale in checkpoints_dir.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep is None:
+        return
+    for old in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_trainable(modules: dict[str, torch.nn.Module], tensors: dict[str, dict], folder: Path) -> None:
+    """Only the trained tensors of each module (a LoRA checkpoint stays megabytes, not gigabytes)."""
+    for name, state in tensors.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / f"trainable_{name}.safetensors")
+
+
+def load_trainable(modules: dict[str, torch.nn.Module], folder: Path) -> None:
+    """Copy checkpointed tensors back into the modules; every saved tensor must find its parameter."""
+    for name, module in modules.items():
+        path = folder / f"trainable_{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {folder} has no {path.name}; was it written by another trainer?")
+        saved = load_file(str(path))
+        params = dict(module.named_parameters())
+        unknown = [k for k in saved if k not in params]
+        if unknown:
+            raise KeyError(f"checkpoint {path}: tensors {unknown[:3]} match no parameter of {name}")
+        with torch.no_grad():
+            for key, value in saved.items():
+                params[key].copy_(value.to(params[key].dtype))
+
+
+def write_state(folder: Path, state: dict) -> None:
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((folder / STATE_FILE).read_text())

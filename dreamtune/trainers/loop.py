@@ -1,0 +1,395 @@
+"""The one training loop every method shares: accelerate, objective, checkpoints, validation, export."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.dataset import build_dataset, collate
+from ..data.sampler import ShardedShuffleSampler
+from . import checkpoints as ckpt
+from .config import RunConfig, dump_config
+from .method import TrainingMethod
+from .model_card import write_model_card
+from .models import load_base_model
+from .objective import min_snr_weights, per_sample_mse, prediction_target, sample_noise, sample_timesteps
+from .optim import build_lr_scheduler, build_optimizer
+from .registry import create_method
+from .sampling import build_pipeline, render_images, save_grid
+
+log = logging.getLogger("dreamtune")
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; nothing is exported from a diverged run."""
+
+
+@dataclass
+class RunResult:
+    """Where a finished (or interrupted) run left its files."""
+
+    output_dir: Path
+    global_step: int
+    exported: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    interrupted: bool = False
+    last_loss: float = float("nan")
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to finish the step, checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _make_accelerator(cfg: RunConfig, output_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    try:
+        accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation,
+            log_with=list(cfg.logging.report_to) or None,
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        )
+    except ValueError as err:
+        raise ValueError(f"train.mixed_precision={cfg.train.mixed_precision!r}: {err}") from err
+    if accelerator.device.type == "cpu" and cfg.train.mixed_precision == "fp16":
+        raise ValueError(
+            "train.mixed_precision=fp16 needs a GPU: PyTorch has no fp16 autocast for training on the CPU. "
+            "Use train.mixed_precision=bf16 (or no) on this machine."
+        )
+    return accelerator
+
+
+def _flat(prefix: str, value, out: dict) -> dict:
+    """Flatten the config for trackers, which accept only scalars."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flat(f"{prefix}.{key}" if prefix else key, sub, out)
+    else:
+        out[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+class Trainer:
+    """Runs one method over one config; `run()` returns a RunResult."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output.dir)
+        self.checkpoints_dir = self.output_dir / "checkpoints"
+        self.method: TrainingMethod = create_method(cfg)
+
+    # -- setup --------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        from accelerate.utils import set_seed
+        from diffusers.training_utils import cast_training_params
+
+        cfg = self.cfg
+        # Data first: a broken folder fails before a multi-gigabyte model loads.
+        self.dataset = build_dataset(cfg.data, seed=cfg.train.seed)
+        self.accelerator = acc = _make_accelerator(cfg, self.output_dir)
+        set_seed(cfg.train.seed)
+        self.models = load_base_model(cfg.model)
+        self.method.setup(self.models)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+            print(self.dataset.report.summary())
+
+        trained = self.method.trained_modules()
+        weight_dtype = DTYPES[cfg.train.mixed_precision]
+        for name, module in self.models.components().items():
+            if isinstance(module, torch.nn.Module):
+                # Frozen parts run in the mixed-precision dtype: half the memory, same result.
+                lower = name not in trained and weight_dtype != torch.float32
+                module.to(acc.device, dtype=weight_dtype) if lower else module.to(acc.device)
+        for name, module in trained.items():
+            module.to(acc.device)
+            module.train()
+            if cfg.train.gradient_checkpointing:
+                module.enable_gradient_checkpointing() if hasattr(module, "enable_gradient_checkpointing") else None
+            # Trainable weights stay fp32 so fp16 mixed precision can unscale their gradients.
+            cast_training_params(module, dtype=torch.float32)
+        self.weight_dtype = weight_dtype
+
+        lr = cfg.train.learning_rate
+        if cfg.train.scale_lr:
+            lr *= cfg.train.batch_size * cfg.train.gradient_accumulation * acc.num_processes
+        optimizer = build_optimizer(cfg.train, self.method.parameter_groups(lr))
+        lr_scheduler = build_lr_scheduler(cfg.train, optimizer, acc.num_processes)
+        self.sampler = ShardedShuffleSampler(
+            len(self.dataset), cfg.train.seed, num_replicas=acc.num_processes, rank=acc.process_index
+        )
+        self.dataloader = DataLoader(
+            self.dataset,
+            batch_size=cfg.train.batch_size,
+            sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=cfg.data.num_workers,
+            drop_last=False,
+        )
+        names = list(trained)
+        prepared = acc.prepare(*[trained[n] for n in names], optimizer, lr_scheduler)
+        self.trained = dict(zip(names, prepared[: len(names)]))
+        self.optimizer, self.lr_scheduler = prepared[len(names)], prepared[len(names) + 1]
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._register_checkpoint_hooks()
+
+    def _register_checkpoint_hooks(self) -> None:
+        """accelerate saves optimizer/scheduler/RNG; we save only the trainable tensors ourselves."""
+
+        def drop_model_weights(models, weights, output_dir):
+            weights.clear()
+
+        def skip_model_loading(models, input_dir):
+            models.clear()
+
+        self.accelerator.register_save_state_pre_hook(drop_model_weights)
+        self.accelerator.register_load_state_pre_hook(skip_model_loading)
+
+    def unwrapped(self) -> dict[str, torch.nn.Module]:
+        return {n: self.accelerator.unwrap_model(m) for n, m in self.trained.items()}
+
+    # -- state ----------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, epoch: int, batches_in_epoch: int) -> Path | None:
+        """Write checkpoints/step-N via a .tmp folder renamed at the end, so a kill never leaves a torn one."""
+        acc = self.accelerator
+        final = self.checkpoints_dir / ckpt.checkpoint_name(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if acc.is_main_process:
+            tmp.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            unwrapped = self.unwrapped()
+            tensors = {n: self.method.trainable_state_dict(n, m) for n, m in unwrapped.items()}
+            ckpt.save_trainable(unwrapped, tensors, tmp)
+            ckpt.write_state(tmp, {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch})
+            if final.exists():
+                import shutil
+
+                shutil.rmtree(final)
+            tmp.rename(final)
+            ckpt.rotate(self.checkpoints_dir, self.cfg.train.checkpoints_total_limit)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, folder: Path) -> dict:
+        self.accelerator.load_state(str(folder))
+        ckpt.load_trainable(self.unwrapped(), folder)
+        return ckpt.read_state(folder)
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self, step: int) -> Path | None:
+        """Render the validation prompts (main process) into samples/step-N.png and the trackers."""
+        v = self.cfg.validation
+        if not v.prompts:
+            return None
+        path = None
+        if self.accelerator.is_main_process:
+            modules = {**self.models.components(), **self.unwrapped()}
+            for module in self.unwrapped().values():
+                module.eval()
+            pipe = build_pipeline(
+                modules["tokenizer"], modules["text_encoder"], modules["vae"], modules["unet"],
+                self.models.noise_scheduler,
+            )
+            with self.accelerator.autocast():
+                rows = render_images(
+                    pipe, v.prompts, images_per_prompt=v.images_per_prompt, seed=v.seed,
+                    steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
+                    resolution=self.cfg.data.resolution, negative_prompt=v.negative_prompt,
+                )
+            for module in self.unwrapped().values():
+                module.train()
+            path = save_grid(rows, self.output_dir / "samples" / f"step-{step:06d}.png", labels=v.prompts)
+            self._log_images(rows, step)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _log_images(self, rows, step: int) -> None:
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            images = np.stack([np.asarray(img) for row in rows for img in row])
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", images, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(img) for img in images]}, step=step)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _train_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """One forward/backward on a micro-batch; returns the loss and scalars to log."""
+        m, acc = self.models, self.accelerator
+        unet = self.trained.get("unet", m.unet)
+        text_encoder = self.trained.get("text_encoder", m.text_encoder)
+        pixels = batch["pixel_values"].to(acc.device, dtype=self.weight_dtype)
+        captions = self.method.captions(batch["captions"])
+        input_ids = m.tokenizer(
+            captions, padding="max_length", max_length=m.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(acc.device)
+        with torch.no_grad():
+            latents = m.vae.encode(pixels).latent_dist.sample() * m.vae.config.scaling_factor
+        noise = sample_noise(latents, self.cfg.train.noise_offset)
+        timesteps = sample_timesteps(m.noise_scheduler, latents.shape[0], latents.device)
+        noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = self.method.encode_text(text_encoder, input_ids)
+        pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+        target = prediction_target(m.noise_scheduler, latents, noise, timesteps)
+        losses = per_sample_mse(pred, target)
+        if self.cfg.train.snr_gamma:
+            losses = losses * min_snr_weights(m.noise_scheduler, timesteps, self.cfg.train.snr_gamma)
+        loss = losses.mean()
+        return loss, {"loss": loss.detach().item()}
+
+    def run(self) -> RunResult:
+        self._setup()
+        cfg, acc = self.cfg, self.accelerator
+        result = RunResult(output_dir=self.output_dir, global_step=0)
+        batches_per_epoch = len(self.sampler) and math.ceil(len(self.sampler) / cfg.train.batch_size)
+        steps_per_epoch = max(1, batches_per_epoch // cfg.train.gradient_accumulation)
+        global_step, epoch, skip_batches = 0, 0, 0
+        resume_from = ckpt.resolve_resume(cfg.train.resume, self.checkpoints_dir)
+        if resume_from is not None:
+            state = self.load_checkpoint(resume_from)
+            global_step, epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
+            acc.print(f"resumed from {resume_from} at step {global_step}")
+        if acc.is_main_process:
+            acc.init_trackers(cfg.logging.project, config=_flat("", cfg.model_dump(mode="json"), {}))
+            self._print_summary(steps_per_epoch)
+
+        from tqdm.auto import tqdm
+
+        progress = tqdm(
+            total=cfg.train.max_steps, initial=global_step, desc="training",
+            disable=not acc.is_local_main_process, dynamic_ncols=True,
+        )
+        started, first_step = time.perf_counter(), global_step
+        with _StopFlag() as stop:
+            while global_step < cfg.train.max_steps and not stop.requested:
+                self.sampler.set_epoch(epoch, skip=skip_batches * cfg.train.batch_size)
+                self.dataset.set_epoch(epoch)
+                batches_in_epoch = skip_batches
+                skip_batches = 0
+                for batch in self.dataloader:
+                    with acc.accumulate(*self.trained.values()):
+                        loss, scalars = self._train_step(batch)
+                        if not torch.isfinite(loss):
+                            raise TrainingDiverged(
+                                f"loss became {loss.item()} at step {global_step + 1}; nothing was exported. "
+                                f"The last good checkpoint is kept in {self.checkpoints_dir}. Try a lower "
+                                "train.learning_rate, train.mixed_precision=bf16 or no, or an fp32 VAE."
+                            )
+                        acc.backward(loss)
+                        if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+                            grad_norm = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
+                            scalars["grad_norm"] = float(grad_norm)
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    batches_in_epoch += 1
+                    if not acc.sync_gradients:
+                        continue
+                    self.method.after_step()
+                    global_step += 1
+                    result.last_loss = scalars["loss"]
+                    scalars["lr"] = self.lr_scheduler.get_last_lr()[0]
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
+                    if global_step % cfg.logging.every == 0 or global_step == cfg.train.max_steps:
+                        elapsed = time.perf_counter() - started
+                        scalars["steps_per_s"] = (global_step - first_step) / max(elapsed, 1e-9)
+                        acc.log(scalars, step=global_step)
+                    done = global_step >= cfg.train.max_steps
+                    if cfg.train.save_every and global_step % cfg.train.save_every == 0 and not done:
+                        result.checkpoints.append(self.save_checkpoint(global_step, epoch, batches_in_epoch))
+                    if cfg.validation.every and global_step % cfg.validation.every == 0 and not done:
+                        if path := self.validate(global_step):
+                            result.samples.append(path)
+                    if done or stop.requested:
+                        break
+                else:
+                    epoch += 1
+        progress.close()
+        result.global_step = global_step
+        if stop.requested and global_step < cfg.train.max_steps:
+            result.checkpoints.append(self.save_checkpoint(global_step, epoch, batches_in_epoch))
+            result.interrupted = True
+            acc.print(
+                f"stopped at step {global_step}; checkpoint saved. Resume with: "
+                f"train.py --config <your config> train.resume=auto output.dir={self.output_dir}"
+            )
+            acc.end_training()
+            return result
+        if path := self.validate(global_step):
+            result.samples.append(path)
+        result.exported = self._export(global_step)
+        acc.end_training()
+        return result
+
+    def _export(self, step: int) -> list[Path]:
+        """The method's files into final/, plus the model card; main process only."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        exported: list[Path] = []
+        if acc.is_main_process:
+            final = self.output_dir / "final"
+            exported = self.method.save(final, self.unwrapped(), step)
+            write_model_card(self.output_dir / "README.md", self.cfg, self.method, exported, step)
+        acc.wait_for_everyone()
+        return exported
+
+    def _print_summary(self, steps_per_epoch: int) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        trainable = sum(p.numel() for p in self.params)
+        total = sum(p.numel() for m in self.models.components().values() if isinstance(m, torch.nn.Module)
+                    for p in m.parameters())
+        effective = cfg.train.batch_size * cfg.train.gradient_accumulation * acc.num_processes
+        print(
+            f"dreamtune: {cfg.trainer} on {cfg.model.pretrained}\n"
+            f"  trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)\n"
+            f"  {len(self.dataset)} examples ({len(self.dataset.records)} images x {cfg.data.repeats} repeats), "
+            f"{cfg.train.max_steps} steps, ~{math.ceil(cfg.train.max_steps / steps_per_epoch)} epochs\n"
+            f"  effective batch {effective} (batch {cfg.train.batch_size} x accumulation "
+            f"{cfg.train.gradient_accumulation} x {acc.num_processes} processes), precision "
+            f"{cfg.train.mixed_precision}, device {acc.device}\n"
+            f"  outputs -> {self.output_dir}"
+        )
+
+
+def train(cfg: RunConfig) -> RunResult:
+    """Train with ``cfg`` and export; the in-process entry used by the CLI and the tests."""
+    return Trainer(cfg).run()

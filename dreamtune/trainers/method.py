@@ -1,0 +1,70 @@
+"""The small interface a training method implements; the shared loop calls nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .models import BaseModel
+
+
+class TrainingMethod:
+    """Base class: freeze everything, train what a subclass unfreezes, export what it knows.
+
+    Hooks, in the order the loop calls them: ``setup`` -> ``parameter_groups`` -> per step
+    ``captions``/``encode_text`` and ``loss`` -> ``after_step`` -> ``save``.
+    """
+
+    name = "base"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.models: BaseModel | None = None
+
+    # -- setup --------------------------------------------------------------------------------
+    def setup(self, models: BaseModel) -> None:
+        """Freeze every weight; subclasses then add or unfreeze what they train."""
+        self.models = models
+        for module in (models.unet, models.vae, models.text_encoder):
+            module.requires_grad_(False)
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """Name -> module for every model holding trainable weights (prepared, accumulated, saved)."""
+        raise NotImplementedError
+
+    def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; the default puts every trainable weight at ``learning_rate``."""
+        params = [p for m in self.trained_modules().values() for p in m.parameters() if p.requires_grad]
+        return [{"params": params, "lr": learning_rate}]
+
+    def trainable_state_dict(self, module_name: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of ``module``: only its trainable tensors, by default."""
+        return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+    # -- per step -----------------------------------------------------------------------------
+    def captions(self, captions: list[str]) -> list[str]:
+        """Rewrite captions before tokenizing (e.g. expand a multi-vector token)."""
+        return captions
+
+    def encode_text(self, text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token conditioning for the UNet: the text encoder's last hidden state."""
+        return text_encoder(input_ids, return_dict=False)[0]
+
+    def after_step(self) -> None:
+        """Called after each optimizer step (e.g. to restore frozen embedding rows)."""
+
+    # -- export -------------------------------------------------------------------------------
+    def save(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
+        """Write the method's export files into ``final_dir``; return their paths."""
+        raise NotImplementedError
+
+    def sampling_lora_scale(self) -> dict[str, Any]:
+        """Extra keyword arguments for the validation pipeline call."""
+        return {}
+
+    def trigger(self) -> str | None:
+        """The words that call up what was learned, for the model card and metadata."""
+        return self.cfg.data.instance_prompt
