@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-
-from ..data.dataset import build_dataset, collate
-from ..data.sampler import ShardedShuffleSampler
+from ..data.dataset import build_dataset
+from ..data.loader import build_train_loader
 from . import checkpoints as ckpt
 from .config import RunConfig, dump_config
 from .method import TrainingMethod
@@ -71,8 +69,13 @@ class _StopFlag:
 
 def _make_accelerator(cfg: RunConfig, output_dir: Path):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
+    # A second run in the same process (tests, sweeps) may use another precision; the process
+    # group itself (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     try:
         accelerator = Accelerator(
             mixed_precision=cfg.train.mixed_precision,
@@ -147,16 +150,14 @@ class Trainer:
             lr *= cfg.train.batch_size * cfg.train.gradient_accumulation * acc.num_processes
         optimizer = build_optimizer(cfg.train, self.method.parameter_groups(lr))
         lr_scheduler = build_lr_scheduler(cfg.train, optimizer, acc.num_processes)
-        self.sampler = ShardedShuffleSampler(
-            len(self.dataset), cfg.train.seed, num_replicas=acc.num_processes, rank=acc.process_index
-        )
-        self.dataloader = DataLoader(
-            self.dataset,
+        self.loader = build_train_loader(
+            cfg.data,
             batch_size=cfg.train.batch_size,
-            sampler=self.sampler,
-            collate_fn=collate,
-            num_workers=cfg.data.num_workers,
-            drop_last=False,
+            seed=cfg.train.seed,
+            num_replicas=acc.num_processes,
+            rank=acc.process_index,
+            dataset=self.dataset,
+            class_records=self.method.class_records(acc),
         )
         names = list(trained)
         prepared = acc.prepare(*[trained[n] for n in names], optimizer, lr_scheduler)
@@ -164,6 +165,8 @@ class Trainer:
         self.optimizer, self.lr_scheduler = prepared[len(names)], prepared[len(names) + 1]
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._register_checkpoint_hooks()
+        for extra in self.method.checkpoint_objects(acc):
+            acc.register_for_checkpointing(extra)
 
     def _register_checkpoint_hooks(self) -> None:
         """accelerate saves optimizer/scheduler/RNG; we save only the trainable tensors ourselves."""
@@ -224,7 +227,7 @@ class Trainer:
                 modules["tokenizer"], modules["text_encoder"], modules["vae"], modules["unet"],
                 self.models.noise_scheduler,
             )
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), self.method.sampling_weights(self.unwrapped()):
                 rows = render_images(
                     pipe, v.prompts, images_per_prompt=v.images_per_prompt, seed=v.seed,
                     steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
@@ -271,16 +274,16 @@ class Trainer:
         target = prediction_target(m.noise_scheduler, latents, noise, timesteps)
         losses = per_sample_mse(pred, target)
         if self.cfg.train.snr_gamma:
+            # Weights per sample, before any method splits the batch (e.g. instance vs prior).
             losses = losses * min_snr_weights(m.noise_scheduler, timesteps, self.cfg.train.snr_gamma)
-        loss = losses.mean()
-        return loss, {"loss": loss.detach().item()}
+        loss, scalars = self.method.loss(losses, batch)
+        return loss, {"loss": loss.detach().item(), **scalars}
 
     def run(self) -> RunResult:
         self._setup()
         cfg, acc = self.cfg, self.accelerator
         result = RunResult(output_dir=self.output_dir, global_step=0)
-        batches_per_epoch = len(self.sampler) and math.ceil(len(self.sampler) / cfg.train.batch_size)
-        steps_per_epoch = max(1, batches_per_epoch // cfg.train.gradient_accumulation)
+        steps_per_epoch = max(1, self.loader.batches_per_epoch() // cfg.train.gradient_accumulation)
         global_step, epoch, skip_batches = 0, 0, 0
         resume_from = ckpt.resolve_resume(cfg.train.resume, self.checkpoints_dir)
         if resume_from is not None:
@@ -300,11 +303,10 @@ class Trainer:
         started, first_step = time.perf_counter(), global_step
         with _StopFlag() as stop:
             while global_step < cfg.train.max_steps and not stop.requested:
-                self.sampler.set_epoch(epoch, skip=skip_batches * cfg.train.batch_size)
-                self.dataset.set_epoch(epoch)
+                self.loader.set_epoch(epoch, skip_batches)
                 batches_in_epoch = skip_batches
                 skip_batches = 0
-                for batch in self.dataloader:
+                for batch in self.loader:
                     with acc.accumulate(*self.trained.values()):
                         loss, scalars = self._train_step(batch)
                         if not torch.isfinite(loss):
@@ -323,7 +325,7 @@ class Trainer:
                     batches_in_epoch += 1
                     if not acc.sync_gradients:
                         continue
-                    self.method.after_step()
+                    self.method.after_step(global_step + 1)
                     global_step += 1
                     result.last_loss = scalars["loss"]
                     scalars["lr"] = self.lr_scheduler.get_last_lr()[0]
@@ -367,7 +369,8 @@ class Trainer:
         exported: list[Path] = []
         if acc.is_main_process:
             final = self.output_dir / "final"
-            exported = self.method.save(final, self.unwrapped(), step)
+            with self.method.export_weights(self.unwrapped()):
+                exported = self.method.save(final, self.unwrapped(), step)
             write_model_card(self.output_dir / "README.md", self.cfg, self.method, exported, step)
         acc.wait_for_everyone()
         return exported

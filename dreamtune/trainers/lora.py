@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..weights.lora_formats import kohya_metadata, peft_to_kohya, save_diffusers_lora
+from ..weights.lora_formats import kohya_metadata, lora_config_values, peft_to_kohya, save_diffusers_lora
 from ..weights.safetensors_io import save_safetensors
 from .config import LoraSettings, RunConfig
 from .method import TrainingMethod
@@ -75,39 +75,50 @@ class LoraMethod(TrainingMethod):
         return groups
 
     def save(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
-        from peft.utils import get_peft_model_state_dict
-
-        s = self.settings
-        unet_lora = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(modules["unet"]).items()}
-        te_lora = None
+        lora = {"unet": self._lora_state(modules["unet"])}
         if "text_encoder" in modules:
-            te_state = get_peft_model_state_dict(modules["text_encoder"])
-            te_lora = {k: v.detach().float().cpu() for k, v in te_state.items()}
-        final_dir.mkdir(parents=True, exist_ok=True)
+            lora["text_encoder"] = self._lora_state(modules["text_encoder"])
+        configs = {part: modules[part].peft_config["default"] for part in lora}
+        ranks, alphas = {}, {}
+        for part, state in lora.items():
+            part_ranks, part_alphas = lora_config_values(state, configs[part])
+            ranks.update(part_ranks)
+            alphas.update(part_alphas)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.export.dtype]
+        kohya = peft_to_kohya(lora["unet"], lora.get("text_encoder"), rank=ranks, alpha=alphas)
+        kohya = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kohya.items()}
+        s, t = self.settings, self.cfg.train
         metadata = kohya_metadata(
             rank=s.rank,
             alpha=s.alpha,
-            steps=step,
-            seed=self.cfg.train.seed,
-            base_model=self.cfg.model.pretrained,
+            title=self.cfg.output.name,
             output_name=self.cfg.output.name,
+            steps=step,
+            seed=t.seed,
             resolution=self.cfg.data.resolution,
-            trigger=self.trigger(),
-            train_text_encoder=s.train_text_encoder,
+            trigger_phrase=self.trigger(),
+            base_model=self.cfg.model.pretrained,
+            learning_rate=t.learning_rate,
+            unet_lr=t.learning_rate,
+            text_encoder_lr=(s.text_encoder_lr or t.learning_rate) if s.train_text_encoder else None,
+            training_comment="trained with dreamtune",
+            tensors=kohya,
         )
+        final_dir.mkdir(parents=True, exist_ok=True)
         diffusers_path = save_diffusers_lora(
             final_dir,
-            unet_lora,
-            te_lora,
-            unet_lora_config=modules["unet"].peft_config["default"].to_dict(),
-            te_lora_config=modules["text_encoder"].peft_config["default"].to_dict() if te_lora else None,
-            metadata=metadata,
+            lora["unet"],
+            lora.get("text_encoder"),
+            unet_lora_config=configs["unet"],
+            text_encoder_lora_config=configs.get("text_encoder"),
+            metadata={k: v for k, v in metadata.items() if not k.startswith(("sshs_", "modelspec.hash"))},
         )
-        alphas = {"unet": s.alpha, "text_encoder": self.text_encoder_alpha}
-        ranks = {"unet": s.rank, "text_encoder": self.text_encoder_rank}
-        kohya = peft_to_kohya(unet_lora, te_lora, rank=ranks, alpha=alphas)
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.export.dtype]
-        kohya = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kohya.items()}
-        kohya_path = final_dir / f"{self.cfg.output.name}.safetensors"
-        save_safetensors(kohya, kohya_path, metadata=metadata)
-        return [Path(diffusers_path), kohya_path]
+        kohya_path = save_safetensors(kohya, final_dir / f"{self.cfg.output.name}.safetensors", metadata=metadata)
+        return [Path(diffusers_path), Path(kohya_path)]
+
+    @staticmethod
+    def _lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The adapter's tensors in PEFT naming, fp32 on the CPU."""
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module, save_embedding_layers=False).items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,14 @@ class TrainingMethod:
         params = [p for m in self.trained_modules().values() for p in m.parameters() if p.requires_grad]
         return [{"params": params, "lr": learning_rate}]
 
+    def class_records(self, accelerator) -> list | None:
+        """Prior-preservation examples paired with each instance example (data.sources.Record list)."""
+        return None
+
+    def checkpoint_objects(self, accelerator) -> list[Any]:
+        """Extra stateful objects (state_dict/load_state_dict) saved and restored with checkpoints, e.g. EMA."""
+        return []
+
     def trainable_state_dict(self, module_name: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint keeps of ``module``: only its trainable tensors, by default."""
         return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
@@ -53,17 +62,25 @@ class TrainingMethod:
         """Per-token conditioning for the UNet: the text encoder's last hidden state."""
         return text_encoder(input_ids, return_dict=False)[0]
 
-    def after_step(self) -> None:
-        """Called after each optimizer step (e.g. to restore frozen embedding rows)."""
+    def loss(self, per_sample: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Reduce per-sample (already SNR-weighted) losses to the loss to minimise, plus scalars to log."""
+        return per_sample.mean(), {}
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step with the new global step (EMA update, restore frozen rows)."""
+
+    def sampling_weights(self, modules: dict[str, torch.nn.Module]) -> AbstractContextManager:
+        """Weights to sample validation images with (e.g. EMA swapped in, and back out after)."""
+        return nullcontext()
+
+    def export_weights(self, modules: dict[str, torch.nn.Module]) -> AbstractContextManager:
+        """Weights to export (e.g. EMA); defaults to the sampling choice."""
+        return self.sampling_weights(modules)
 
     # -- export -------------------------------------------------------------------------------
     def save(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
         """Write the method's export files into ``final_dir``; return their paths."""
         raise NotImplementedError
-
-    def sampling_lora_scale(self) -> dict[str, Any]:
-        """Extra keyword arguments for the validation pipeline call."""
-        return {}
 
     def trigger(self) -> str | None:
         """The words that call up what was learned, for the model card and metadata."""

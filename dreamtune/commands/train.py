@@ -1,0 +1,41 @@
+"""`dreamtune train`: the same as `accelerate launch train.py --config FILE [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import fail
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from ..data.sources import DataSourceError
+    from ..trainers.config import ConfigError, load_config
+    from ..trainers.loop import TrainingDiverged, train
+    from ..trainers.models import ModelLoadError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg)
+    except (ConfigError, ModelLoadError, DataSourceError, FileNotFoundError) as err:
+        return fail(str(err))
+    except TrainingDiverged as err:
+        return fail(str(err), code=1)
+    except ValueError as err:  # values only the method or accelerate can judge (targets, precision)
+        return fail(str(err))
+    if PartialState().is_main_process and not result.interrupted:
+        print(f"\ndone: {result.global_step} steps, last loss {result.last_loss:.4f}")
+        for path in result.exported:
+            print(f"  exported    {path}")
+        for path in result.samples[-1:]:
+            print(f"  sample grid {path}")
+        print(f"  model card  {result.output_dir / 'README.md'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train with a YAML config (same as `accelerate launch train.py`)")
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=800")
+    p.set_defaults(func=run)
