@@ -92,5 +92,8 @@ def build_train_loader(
         collate_fn=collate_paired if paired else collate,
         num_workers=cfg.num_workers,
         persistent_workers=False,
+        # Its own generator: starting an epoch must not draw from the global RNG, or a resumed
+        # run (which restores that RNG) would diverge from a straight one.
+        generator=torch.Generator().manual_seed(seed),
     )
     return TrainLoader(dataset=dataset, sampler=sampler, dataloader=dataloader, batch_size=batch_size, paired=paired)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -76,8 +77,12 @@ def _make_accelerator(cfg: RunConfig, output_dir: Path):
     # group itself (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    # Launched as several processes on a machine without a GPU: accelerate forms a gloo group only
+    # when told the run is on the CPU.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     try:
         accelerator = Accelerator(
+            cpu=multi_cpu,
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.gradient_accumulation,
             log_with=list(cfg.logging.report_to) or None,
