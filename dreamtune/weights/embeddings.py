@@ -1,0 +1,143 @@
+"""Textual Inversion embedding files: diffusers, A1111/kohya safetensors, and A1111's legacy ``.pt``.
+
+* diffusers ``learned_embeds.safetensors``: ``{token: Tensor[n, hidden]}``; the key is the trigger.
+* A1111/kohya ``<name>.safetensors``: ``{"emb_params": Tensor[n, hidden]}``; A1111 uses the file
+  name as the trigger, diffusers needs ``load_textual_inversion(path, token=...)``.
+* A1111 legacy ``.pt`` (pickle): ``{"string_to_token": {"*": 265}, "string_to_param": {"*": tensor},
+  "name": ..., "step": ...}``; diffusers reads ``name`` as the token.
+
+All three hold ``[n_vectors, hidden]`` (768 for SD 1.x); we write float32 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .safetensors_io import (
+    PathLike,
+    atomic_write,
+    is_pickle_path,
+    load_pickle,
+    load_safetensors,
+    modelspec_metadata,
+    save_safetensors,
+)
+
+A1111_KEY = "emb_params"
+#: The CLIP token id A1111 writes in ``string_to_token`` ('*'); A1111 itself ignores it.
+A1111_STAR_TOKEN_ID = 265
+TI_ARCHITECTURE = "stable-diffusion-v1/textual-inversion"
+#: kohya marks TI embeddings with the Stability reference implementation.
+TI_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
+def _as_vectors(vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Return ``[n, hidden]`` on CPU in ``dtype`` (a 1-D vector becomes one row)."""
+    if not isinstance(vectors, torch.Tensor):
+        raise TypeError(f"embedding vectors must be a torch.Tensor, got {type(vectors).__name__}")
+    if vectors.ndim == 1:
+        vectors = vectors.unsqueeze(0)
+    if vectors.ndim != 2 or vectors.shape[0] == 0:
+        raise ValueError(f"embedding vectors must have shape [n_vectors, hidden], got {tuple(vectors.shape)}")
+    return vectors.detach().to("cpu", dtype=dtype).contiguous()
+
+
+def save_diffusers_embedding(
+    path: PathLike,
+    token: str,
+    vectors: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write diffusers' ``{token: Tensor[n, hidden]}`` (``learned_embeds.safetensors``)."""
+    if not token:
+        raise ValueError("the diffusers embedding needs a non-empty token (the key is the trigger)")
+    return save_safetensors({token: _as_vectors(vectors, dtype)}, path, metadata)
+
+
+def save_a1111_embedding(
+    path: PathLike,
+    vectors: torch.Tensor,
+    name: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write A1111/kohya's ``{"emb_params": Tensor[n, hidden]}`` with model-spec metadata.
+
+    A1111 triggers the embedding by the file name, so name the file after the word to type;
+    ``name`` (default: the file stem) becomes ``modelspec.title``. ``metadata`` keys win.
+    """
+    title = name or Path(path).stem
+    header: dict[str, Any] = modelspec_metadata(
+        architecture=TI_ARCHITECTURE, implementation=TI_IMPLEMENTATION, title=title
+    )
+    header.update(metadata or {})
+    return save_safetensors({A1111_KEY: _as_vectors(vectors, dtype)}, path, header)
+
+
+def save_a1111_pt(
+    path: PathLike,
+    vectors: torch.Tensor,
+    name: str,
+    *,
+    step: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write A1111's legacy pickled ``.pt`` embedding (readable with ``torch.load(weights_only=True)``)."""
+    data = {
+        "string_to_token": {"*": A1111_STAR_TOKEN_ID},
+        "string_to_param": {"*": _as_vectors(vectors, dtype)},
+        "name": name,
+        "step": int(step),
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+    }
+    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def load_embedding(
+    path: PathLike, allow_pickle: bool = False, *, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, str | None]:
+    """Read any of the three formats -> ``(vectors[n, hidden], token)``; token is None for ``emb_params``."""
+    if is_pickle_path(path):
+        return _from_pickle(load_pickle(path, allow_pickle=allow_pickle), Path(path), dtype)
+    tensors, _ = load_safetensors(path)
+    return _from_tensor_dict(tensors, Path(path), dtype)
+
+
+def _from_tensor_dict(
+    tensors: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype
+) -> tuple[torch.Tensor, str | None]:
+    """``{"emb_params": t}`` -> (t, None); ``{token: t}`` -> (t, token); anything else raises."""
+    if A1111_KEY in tensors and len(tensors) == 1:
+        return _as_vectors(tensors[A1111_KEY], dtype), None
+    if {"clip_l", "clip_g"} & set(tensors):
+        raise ValueError(f"{path} is an SDXL embedding (clip_l/clip_g); dreamtune handles SD 1.x only")
+    if len(tensors) != 1:
+        raise ValueError(
+            f"{path} is not a textual-inversion embedding: expected one tensor "
+            f"('emb_params' or the token), found keys {sorted(tensors)[:8]}"
+        )
+    token, vectors = next(iter(tensors.items()))
+    return _as_vectors(vectors, dtype), token
+
+
+def _from_pickle(obj: Any, path: Path, dtype: torch.dtype) -> tuple[torch.Tensor, str | None]:
+    """A1111 ``string_to_param`` dicts and diffusers' old ``.bin`` ``{token: tensor}``."""
+    if isinstance(obj, torch.Tensor):
+        return _as_vectors(obj, dtype), None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not an embedding dict")
+    if "string_to_param" in obj:
+        params = obj["string_to_param"]
+        if not isinstance(params, Mapping) or len(params) != 1:
+            raise ValueError(f"{path}: string_to_param must be a dict holding exactly one tensor")
+        name = obj.get("name")
+        return _as_vectors(next(iter(params.values())), dtype), name if isinstance(name, str) else None
+    return _from_tensor_dict(obj, path, dtype)
