@@ -46,11 +46,11 @@ def interrupt_at(monkeypatch, step: int) -> None:
     original = loop.Trainer._train_step
     calls = {"n": 0}
 
-    def step_then_signal(self, batch):
+    def step_then_signal(self, batch, micro_step):
         calls["n"] += 1
         if calls["n"] == step:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, batch)
+        return original(self, batch, micro_step)
 
     monkeypatch.setattr(loop.Trainer, "_train_step", step_then_signal)
 
@@ -152,23 +152,38 @@ def test_cli_prints_one_line_error_for_bad_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_launch_trains_and_writes_once(tiny_model_dir, tmp_path):
+def test_two_processes_match_one_process_at_the_same_global_batch(tiny_model_dir, tmp_path):
+    """accelerate launch with 2 gloo processes x batch 1 == 1 process x batch 2; files written once."""
+    from safetensors.torch import load_file
+
+    common = [
+        f"model.pretrained={tiny_model_dir}", f"data.instance_dir={REPO_ROOT / 'examples' / 'sks_toy'}",
+        "data.resolution=32", "train.max_steps=4", "train.save_every=2", "validation.every=0",
+        "validation.num_inference_steps=2", "validation.images_per_prompt=1", "train.max_grad_norm=0",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO_ROOT / "train.py"), "--config", str(REPO_ROOT / "configs" / "quickstart_lora.yaml"),
-        f"model.pretrained={tiny_model_dir}", f"output.dir={tmp_path}",
-        f"data.instance_dir={REPO_ROOT / 'examples' / 'sks_toy'}", "data.resolution=32",
-        "train.max_steps=4", "train.save_every=2", "validation.every=0", "validation.num_inference_steps=2",
-        "validation.images_per_prompt=1",
+        f"output.dir={tmp_path / 'two'}", "train.batch_size=1", *common,
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
+    two = tmp_path / "two"
     assert run.stdout.count("done: 4 steps") == 1
-    assert "x 2 processes" in run.stdout
-    checkpoint = tmp_path / "checkpoints" / "step-000002"
+    assert "batch 1 x accumulation 1 x 2 processes" in run.stdout
+    checkpoint = two / "checkpoints" / "step-000002"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
-    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == [
+    assert sorted(p.name for p in (two / "final").iterdir()) == [
         "pytorch_lora_weights.safetensors", "sks_toy_lora.safetensors"]
-    assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+    assert len(list((two / "samples").glob("*.png"))) == 1
+
+    cfg = load_config(REPO_ROOT / "configs" / "quickstart_lora.yaml",
+                      [f"output.dir={tmp_path / 'one'}", "train.batch_size=2", "logging.report_to=[]", *common])
+    Trainer(cfg).run()
+    one = load_file(str(tmp_path / "one" / "final" / "pytorch_lora_weights.safetensors"))
+    both = load_file(str(two / "final" / "pytorch_lora_weights.safetensors"))
+    assert one.keys() == both.keys()
+    worst = max((one[k] - both[k]).abs().max().item() for k in one)
+    assert worst < 1e-5, f"two-process result differs from one process by {worst}"

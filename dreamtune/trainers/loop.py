@@ -18,7 +18,15 @@ from .config import RunConfig, dump_config
 from .method import TrainingMethod
 from .model_card import write_model_card
 from .models import load_base_model
-from .objective import min_snr_weights, per_sample_mse, prediction_target, sample_noise, sample_timesteps
+from .objective import (
+    min_snr_weights,
+    per_sample_mse,
+    prediction_target,
+    sample_generators,
+    sample_latents,
+    sample_noise,
+    sample_timesteps,
+)
 from .optim import build_lr_scheduler, build_optimizer
 from .registry import create_method
 from .sampling import build_pipeline, render_images, save_grid
@@ -145,7 +153,11 @@ class Trainer:
             module.to(acc.device)
             module.train()
             if cfg.train.gradient_checkpointing:
-                module.enable_gradient_checkpointing() if hasattr(module, "enable_gradient_checkpointing") else None
+                # diffusers names it enable_gradient_checkpointing, transformers gradient_checkpointing_enable.
+                enable = getattr(module, "enable_gradient_checkpointing", None) or getattr(
+                    module, "gradient_checkpointing_enable", None
+                )
+                enable() if enable is not None else None
             # Trainable weights stay fp32 so fp16 mixed precision can unscale their gradients.
             cast_training_params(module, dtype=torch.float32)
         self.weight_dtype = weight_dtype
@@ -214,7 +226,7 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> dict:
         self.accelerator.load_state(str(folder))
-        ckpt.load_trainable(self.unwrapped(), folder)
+        ckpt.load_trainable(self.unwrapped(), folder, self.method.load_trainable_state)
         return ckpt.read_state(folder)
 
     # -- validation -----------------------------------------------------------------------------
@@ -258,7 +270,12 @@ class Trainer:
                 tracker.log({"validation": [wandb.Image(img) for img in images]}, step=step)
 
     # -- the loop -------------------------------------------------------------------------------
-    def _train_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def _positions(self, batch_len: int) -> list[int]:
+        """Each local sample's place in the global micro-batch (the sampler deals indices round-robin)."""
+        acc = self.accelerator
+        return [i * acc.num_processes + acc.process_index for i in range(batch_len)]
+
+    def _train_step(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict]:
         """One forward/backward on a micro-batch; returns the loss and scalars to log."""
         m, acc = self.models, self.accelerator
         unet = self.trained.get("unet", m.unet)
@@ -269,10 +286,11 @@ class Trainer:
             captions, padding="max_length", max_length=m.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids.to(acc.device)
+        generators = sample_generators(self.cfg.train.seed, micro_step, self._positions(len(captions)))
         with torch.no_grad():
-            latents = m.vae.encode(pixels).latent_dist.sample() * m.vae.config.scaling_factor
-        noise = sample_noise(latents, self.cfg.train.noise_offset)
-        timesteps = sample_timesteps(m.noise_scheduler, latents.shape[0], latents.device)
+            latents = sample_latents(m.vae.encode(pixels).latent_dist, generators) * m.vae.config.scaling_factor
+        noise = sample_noise(latents, self.cfg.train.noise_offset, generators)
+        timesteps = sample_timesteps(m.noise_scheduler, generators, latents.device)
         noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = self.method.encode_text(text_encoder, input_ids)
         pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
@@ -289,7 +307,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         result = RunResult(output_dir=self.output_dir, global_step=0)
         steps_per_epoch = max(1, self.loader.batches_per_epoch() // cfg.train.gradient_accumulation)
-        global_step, epoch, skip_batches = 0, 0, 0
+        global_step, epoch, skip_batches, accumulated = 0, 0, 0, 0
         resume_from = ckpt.resolve_resume(cfg.train.resume, self.checkpoints_dir)
         if resume_from is not None:
             state = self.load_checkpoint(resume_from)
@@ -312,8 +330,9 @@ class Trainer:
                 batches_in_epoch = skip_batches
                 skip_batches = 0
                 for batch in self.loader:
+                    micro_step = global_step * cfg.train.gradient_accumulation + accumulated
                     with acc.accumulate(*self.trained.values()):
-                        loss, scalars = self._train_step(batch)
+                        loss, scalars = self._train_step(batch, micro_step)
                         if not torch.isfinite(loss):
                             raise TrainingDiverged(
                                 f"loss became {loss.item()} at step {global_step + 1}; nothing was exported. "
@@ -328,8 +347,10 @@ class Trainer:
                         self.lr_scheduler.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     batches_in_epoch += 1
+                    accumulated += 1
                     if not acc.sync_gradients:
                         continue
+                    accumulated = 0
                     self.method.after_step(global_step + 1)
                     global_step += 1
                     result.last_loss = scalars["loss"]

@@ -1,4 +1,9 @@
-"""The diffusion training objective: noise, timesteps, prediction target and min-SNR weights."""
+"""The diffusion training objective: noise, timesteps, prediction target and min-SNR weights.
+
+Randomness is drawn per sample from a generator keyed by the sample's place in the global batch,
+so the same global batch gets the same noise whether it runs on one process or several, and a
+resumed run draws exactly what a straight run would.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,35 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_noise(latents: torch.Tensor, noise_offset: float) -> torch.Tensor:
+def sample_generators(seed: int, micro_step: int, positions: list[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from (run seed, micro-batch counter, global position)."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 4096 + p) for p in positions]
+
+
+def _stack(draws: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.stack(draws).to(device=like.device, dtype=like.dtype)
+
+
+def sample_latents(latent_dist, generators: list[torch.Generator]) -> torch.Tensor:
+    """Draw from the VAE's diagonal Gaussian with the per-sample generators."""
+    mean, std = latent_dist.mean, latent_dist.std
+    eps = [torch.randn(mean.shape[1:], generator=g) for g in generators]
+    return mean + std * _stack(eps, mean)
+
+
+def sample_noise(latents: torch.Tensor, noise_offset: float, generators: list[torch.Generator]) -> torch.Tensor:
     """Gaussian noise like ``latents``; a per-channel offset teaches very dark and very bright images."""
-    noise = torch.randn_like(latents)
+    noise = _stack([torch.randn(latents.shape[1:], generator=g) for g in generators], latents)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(
-            latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype
-        )
+        offsets = [torch.randn(latents.shape[1], 1, 1, generator=g) for g in generators]
+        noise = noise + noise_offset * _stack(offsets, latents)
     return noise
 
 
-def sample_timesteps(scheduler, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Uniform training timesteps over the scheduler's range."""
-    return torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device).long()
+def sample_timesteps(scheduler, generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Uniform training timesteps over the scheduler's range, one per sample."""
+    high = scheduler.config.num_train_timesteps
+    return torch.cat([torch.randint(0, high, (1,), generator=g) for g in generators]).to(device).long()
 
 
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
