@@ -97,3 +97,20 @@ def test_bad_override_key_and_form(tmp_path):
 def test_lora_section_defaults_when_absent(tmp_path):
     cfg = load_config(write(tmp_path, "trainer: lora\n"))
     assert cfg.lora.rank == 4 and cfg.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+ACCELERATE_CONFIGS = sorted((REPO_ROOT / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_accelerate_config_parses(path: Path):
+    """accelerate's own config reader accepts each launch recipe, and each documents its command."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    assert path.read_text().startswith("#") and "accelerate launch --config_file configs/accelerate/" in path.read_text()
+    cluster = ClusterConfig.from_yaml_file(str(path))
+    assert cluster.num_processes >= 1 and cluster.distributed_type is not None
+
+
+def test_accelerate_configs_exist():
+    assert {p.name for p in ACCELERATE_CONFIGS} >= {"multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml"}

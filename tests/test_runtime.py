@@ -187,3 +187,36 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tiny_model_dir
     assert one.keys() == both.keys()
     worst = max((one[k] - both[k]).abs().max().item() for k in one)
     assert worst < 1e-5, f"two-process result differs from one process by {worst}"
+
+
+@pytest.mark.slow
+def test_trackers_log_expected_keys_at_global_steps(tiny_model_dir, tmp_path, monkeypatch):
+    """tensorboard events and an offline wandb run, with loss/lr/throughput at every global step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = config(tiny_model_dir, tmp_path, "train.max_steps=4", "train.save_every=0", "logging.every=1",
+                 "logging.report_to=[tensorboard, wandb]", "validation.prompts=[a photo of sks toy]",
+                 "validation.every=2", "validation.num_inference_steps=2", "validation.images_per_prompt=1",
+                 "train.gradient_accumulation=2", "train.batch_size=1")
+    Trainer(cfg).run()
+    events = sorted((tmp_path / "logs").rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_size)[-1]
+    accumulator = EventAccumulator(str(events.parent), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"loss", "lr/unet", "grad_norm", "steps_per_s", "samples_per_s", "peak_memory_gb"} <= tags
+    assert [e.step for e in accumulator.Scalars("loss")] == [1, 2, 3, 4], "global steps, not micro-steps"
+    assert [e.step for e in accumulator.Images("validation")] == [2, 4]
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_checkpoint_refused_when_disk_is_full(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 1024))
+    with pytest.raises(ckpt.InsufficientDiskError, match=r"needs about 2\.0 MiB, 0\.0 MiB free"):
+        ckpt.check_free_disk(tmp_path, 2 << 20)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,6 +42,20 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
     return path
 
 
+class InsufficientDiskError(OSError):
+    """Not enough free disk for a checkpoint; raised before anything is written."""
+
+
+def check_free_disk(folder: Path, needed: int) -> None:
+    """Fail with the sizes when ``folder``'s disk cannot hold ``needed`` bytes."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise InsufficientDiskError(
+            f"not enough free disk to write a checkpoint in {folder}: needs about {needed / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB free. Free space, lower train.checkpoints_total_limit, or move output.dir."
+        )
+
+
 def rotate(checkpoints_dir: Path, keep: int | None) -> None:
     """Delete the oldest complete checkpoints beyond ``keep``, and stale half-written ones."""
     for stale in checkpoints_dir.glob("step-*.tmp"):
@@ -57,20 +72,32 @@ def save_trainable(modules: dict[str, torch.nn.Module], tensors: dict[str, dict]
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / f"trainable_{name}.safetensors")
 
 
-def load_trainable(modules: dict[str, torch.nn.Module], folder: Path) -> None:
-    """Copy checkpointed tensors back into the modules; every saved tensor must find its parameter."""
+def copy_into_parameters(name: str, module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into ``module``'s parameters by name; every saved tensor must find its parameter."""
+    params = dict(module.named_parameters())
+    unknown = [k for k in saved if k not in params]
+    if unknown:
+        raise KeyError(f"tensors {unknown[:3]} match no parameter of {name}")
+    with torch.no_grad():
+        for key, value in saved.items():
+            params[key].copy_(value.to(params[key].dtype))
+
+
+LoadState = Callable[[str, torch.nn.Module, dict[str, torch.Tensor]], None]
+
+
+def load_trainable(
+    modules: dict[str, torch.nn.Module], folder: Path, load_state: LoadState = copy_into_parameters
+) -> None:
+    """Hand each module's checkpointed tensors to ``load_state`` (the method's hook) to put back."""
     for name, module in modules.items():
         path = folder / f"trainable_{name}.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {folder} has no {path.name}; was it written by another trainer?")
-        saved = load_file(str(path))
-        params = dict(module.named_parameters())
-        unknown = [k for k in saved if k not in params]
-        if unknown:
-            raise KeyError(f"checkpoint {path}: tensors {unknown[:3]} match no parameter of {name}")
-        with torch.no_grad():
-            for key, value in saved.items():
-                params[key].copy_(value.to(params[key].dtype))
+        try:
+            load_state(name, module, load_file(str(path)))
+        except KeyError as err:
+            raise KeyError(f"checkpoint {path}: {err.args[0]}") from err
 
 
 def write_state(folder: Path, state: dict) -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..data.captions import templates_for
 from ..data.config import DataConfig
 
 TRAINERS = ("dreambooth", "lora", "textual_inversion")
@@ -101,6 +102,91 @@ class LoraSettings(Section):
     )
 
 
+class TextualInversionSettings(Section):
+    placeholder_token: str = Field(
+        "<sks>", description="The new word to learn, e.g. '<sks>' or 'S*'; it must not already be a token."
+    )
+    initializer_token: str = Field(
+        "*", description="One existing token the new vectors start from (e.g. dog, toy, painting); A1111 uses '*'."
+    )
+    num_vectors: int = Field(
+        1, ge=1, le=75, description="Vectors behind the word; '<sks>' expands to '<sks> <sks>_1 ...' in prompts."
+    )
+    learnable_property: Literal["object", "style"] = Field(
+        "object", description="Caption templates to train with: 'a photo of a {}' or 'a painting in the style of {}'."
+    )
+    use_templates: bool = Field(
+        True, description="Caption with the TI templates; false uses the data captions (the word prepended if missing)."
+    )
+    export_pt: bool = Field(False, description="Also write the legacy A1111 .pt embedding (a pickle).")
+
+    @field_validator("placeholder_token")
+    @classmethod
+    def _one_word(cls, token: str) -> str:
+        if not token or any(c.isspace() for c in token):
+            raise ValueError("must be one new word, not empty and without spaces; use e.g. '<sks>' or 'S*'")
+        return token
+
+    def fallback_caption(self) -> str:
+        """The caption for images without one: the first template of the learnable property."""
+        return templates_for(self.learnable_property)[0].format(self.placeholder_token)
+
+
+#: Where a textual_inversion run sets no value: the community recipe (lr 5e-4, ~3000 steps).
+TEXTUAL_INVERSION_TRAIN_DEFAULTS = {"learning_rate": 5.0e-4, "max_steps": 3000}
+
+
+class DreamBoothSettings(Section):
+    train_text_encoder: bool = Field(False, description="Also fine-tune the whole text encoder.")
+    text_encoder_lr: float | None = Field(None, gt=0, description="Text-encoder lr; default train.learning_rate.")
+    text_encoder_steps: int | None = Field(
+        None, ge=1, description="Freeze the text encoder after this many steps; null trains it to the end."
+    )
+    ema: bool = Field(False, description="Keep an exponential moving average of the trained weights (EMAModel).")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="Per-step EMA decay, the ceiling of the warmup ramp.")
+    ema_power: float | None = Field(
+        0.75, gt=0, description="EMA warmup: decay = 1 - (1 + step)^-power up to ema_decay (3/4 suits runs under "
+        "~100k steps, 2/3 longer ones); null uses diffusers' (1 + step) / (10 + step) ramp.",
+    )
+    ema_update_after_step: int = Field(0, ge=0, description="The EMA copies the weights until this step, then averages.")
+    ema_update_every: int = Field(
+        1, ge=1, description="Average every N steps (decay compounded to match per-step averaging)."
+    )
+    ema_on_cpu: bool = Field(
+        False, description="Keep the EMA in CPU memory between updates: less GPU memory, two transfers per update."
+    )
+    use_ema_for: Literal["ema", "raw", "both"] = Field(
+        "ema", description="Weights to validate and export with; 'both' validates with the EMA and exports "
+        "<name>.safetensors (EMA) and <name>-raw.safetensors.",
+    )
+    prior_preservation: bool = Field(False, description="Train on generated class images too (prior loss).")
+    class_prompt: str | None = Field(None, description="Prompt of the subject's class, e.g. 'a photo of dog'.")
+    class_dir: str | None = Field(
+        None, description="Class images (real or generated; missing ones are generated). Default <output.dir>/class_images."
+    )
+    num_class_images: int = Field(200, ge=1, description="Class images to train with (generated if missing).")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class-image loss (lambda).")
+    class_generation_batch_size: int = Field(4, ge=1)
+    class_generation_steps: int = Field(30, ge=1, description="Sampling steps per generated class image.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DreamBoothSettings":
+        if self.prior_preservation and not self.class_prompt:
+            raise ValueError(
+                "dreambooth.prior_preservation=true needs dreambooth.class_prompt: set it to the subject's class "
+                "without the identifier, e.g. 'a photo of dog'"
+            )
+        if self.use_ema_for == "both" and not self.ema:
+            raise ValueError("dreambooth.use_ema_for=both needs dreambooth.ema=true; or set use_ema_for: raw")
+        unused = [k for k in ("text_encoder_lr", "text_encoder_steps") if getattr(self, k) is not None]
+        if unused and not self.train_text_encoder:
+            raise ValueError(
+                f"dreambooth.{unused[0]} is set but dreambooth.train_text_encoder is false; "
+                "set train_text_encoder: true or remove it"
+            )
+        return self
+
+
 class RunConfig(Section):
     trainer: str
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -111,6 +197,8 @@ class RunConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     lora: LoraSettings | None = None
+    dreambooth: DreamBoothSettings | None = None
+    textual_inversion: TextualInversionSettings | None = None
 
     @model_validator(mode="after")
     def _method_section(self) -> "RunConfig":
@@ -118,7 +206,24 @@ class RunConfig(Section):
             raise ValueError(f"trainer: {self.trainer!r} is not a trainer; choose one of {', '.join(TRAINERS)}")
         if self.trainer == "lora" and self.lora is None:
             self.lora = LoraSettings()
+        if self.trainer == "dreambooth":
+            if self.dreambooth is None:
+                self.dreambooth = DreamBoothSettings()
+            if self.dreambooth.class_dir is None:
+                self.dreambooth.class_dir = str(Path(self.output.dir) / "class_images")
+        if self.trainer == "textual_inversion":
+            self._textual_inversion_defaults()
         return self
+
+    def _textual_inversion_defaults(self) -> None:
+        """Fill what a TI run left unset: the section, TI's lr and steps, a caption holding the new word."""
+        if self.textual_inversion is None:
+            self.textual_inversion = TextualInversionSettings()
+        for key, value in TEXTUAL_INVERSION_TRAIN_DEFAULTS.items():
+            if key not in self.train.model_fields_set:
+                setattr(self.train, key, value)
+        if self.data.instance_prompt is None:
+            self.data.instance_prompt = self.textual_inversion.fallback_caption()
 
 
 def _valid_paths(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -98,6 +98,12 @@ def _make_accelerator(cfg: RunConfig, output_dir: Path):
         )
     except ValueError as err:
         raise ValueError(f"train.mixed_precision={cfg.train.mixed_precision!r}: {err}") from err
+    if accelerator.state.deepspeed_plugin is not None and cfg.train.optimizer == "adamw8bit":
+        raise ValueError(
+            "train.optimizer=adamw8bit cannot run under DeepSpeed: DeepSpeed owns the optimizer and its "
+            "ZeRO partitioning does not support bitsandbytes' 8-bit state. Use train.optimizer=adamw "
+            "(ZeRO-2 already shards the optimizer state) or launch without DeepSpeed."
+        )
     if accelerator.device.type == "cpu" and cfg.train.mixed_precision == "fp16":
         raise ValueError(
             "train.mixed_precision=fp16 needs a GPU: PyTorch has no fp16 autocast for training on the CPU. "
@@ -208,6 +214,8 @@ class Trainer:
         tmp = final.with_name(final.name + ".tmp")
         if acc.is_main_process:
             tmp.mkdir(parents=True, exist_ok=True)
+            # Weights plus two Adam moments, with a margin for RNG/scheduler files.
+            ckpt.check_free_disk(tmp, int(sum(p.numel() * 4 for p in self.params) * 3.2) + (1 << 20))
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if acc.is_main_process:
@@ -314,7 +322,11 @@ class Trainer:
             global_step, epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
             acc.print(f"resumed from {resume_from} at step {global_step}")
         if acc.is_main_process:
-            acc.init_trackers(cfg.logging.project, config=_flat("", cfg.model_dump(mode="json"), {}))
+            acc.init_trackers(
+                cfg.logging.project,
+                config=_flat("", cfg.model_dump(mode="json"), {}),
+                init_kwargs={"wandb": {"dir": str(self.output_dir / "logs"), "name": cfg.output.name}},
+            )
             self._print_summary(steps_per_epoch)
 
         from tqdm.auto import tqdm
@@ -354,13 +366,11 @@ class Trainer:
                     self.method.after_step(global_step + 1)
                     global_step += 1
                     result.last_loss = scalars["loss"]
-                    scalars["lr"] = self.lr_scheduler.get_last_lr()[0]
                     progress.update(1)
-                    progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
+                    progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
                     if global_step % cfg.logging.every == 0 or global_step == cfg.train.max_steps:
-                        elapsed = time.perf_counter() - started
-                        scalars["steps_per_s"] = (global_step - first_step) / max(elapsed, 1e-9)
-                        acc.log(scalars, step=global_step)
+                        rate = (global_step - first_step) / max(time.perf_counter() - started, 1e-9)
+                        acc.log({**scalars, **self._run_scalars(rate)}, step=global_step)
                     done = global_step >= cfg.train.max_steps
                     if cfg.train.save_every and global_step % cfg.train.save_every == 0 and not done:
                         result.checkpoints.append(self.save_checkpoint(global_step, epoch, batches_in_epoch))
@@ -400,6 +410,20 @@ class Trainer:
             write_model_card(self.output_dir / "README.md", self.cfg, self.method, exported, step)
         acc.wait_for_everyone()
         return exported
+
+    def _run_scalars(self, steps_per_s: float) -> dict[str, float]:
+        """Learning rate per parameter group, throughput and peak memory, for the trackers."""
+        t = self.cfg.train
+        scalars = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        scalars["steps_per_s"] = steps_per_s
+        scalars["samples_per_s"] = steps_per_s * t.batch_size * t.gradient_accumulation * self.accelerator.num_processes
+        if torch.cuda.is_available():
+            scalars["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import resource
+
+            scalars["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return scalars
 
     def _print_summary(self, steps_per_epoch: int) -> None:
         cfg, acc = self.cfg, self.accelerator

@@ -68,10 +68,11 @@ class LoraMethod(TrainingMethod):
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         assert self.models is not None
-        groups = [{"params": [p for p in self.models.unet.parameters() if p.requires_grad], "lr": learning_rate}]
+        unet_params = [p for p in self.models.unet.parameters() if p.requires_grad]
+        groups = [{"name": "unet", "params": unet_params, "lr": learning_rate}]
         if self.settings.train_text_encoder:
             te_params = [p for p in self.models.text_encoder.parameters() if p.requires_grad]
-            groups.append({"params": te_params, "lr": self.settings.text_encoder_lr or learning_rate})
+            groups.append({"name": "text_encoder", "params": te_params, "lr": self.settings.text_encoder_lr or learning_rate})
         return groups
 
     def save(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .checkpoints import copy_into_parameters
 from .config import RunConfig
 from .models import BaseModel
 
@@ -39,7 +40,7 @@ class TrainingMethod:
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; the default puts every trainable weight at ``learning_rate``."""
         params = [p for m in self.trained_modules().values() for p in m.parameters() if p.requires_grad]
-        return [{"params": params, "lr": learning_rate}]
+        return [{"name": self.name, "params": params, "lr": learning_rate}]
 
     def class_records(self, accelerator) -> list | None:
         """Prior-preservation examples paired with each instance example (data.sources.Record list)."""
@@ -52,6 +53,10 @@ class TrainingMethod:
     def trainable_state_dict(self, module_name: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint keeps of ``module``: only its trainable tensors, by default."""
         return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, module_name: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back (on resume) what ``trainable_state_dict`` saved; by default by parameter name."""
+        copy_into_parameters(module_name, module, tensors)
 
     # -- per step -----------------------------------------------------------------------------
     def captions(self, captions: list[str]) -> list[str]:

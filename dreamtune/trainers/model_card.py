@@ -7,6 +7,18 @@ from pathlib import Path
 from .config import RunConfig
 
 _LOAD = {
+    "dreambooth": """```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{final}/diffusers")       # the diffusers folder
+# or: pipe = StableDiffusionPipeline.from_single_file("{final}/{name}.safetensors")
+image = pipe("{trigger}").images[0]
+```
+
+`final/{name}.safetensors` is a complete checkpoint in the original Stable Diffusion layout.
+AUTOMATIC1111 / Forge: copy it into `models/Stable-diffusion/` and pick it as the checkpoint.
+ComfyUI: copy it into `models/checkpoints/` and use a *Load Checkpoint* node. InvokeAI: install
+`final/{name}.safetensors` (or the `final/diffusers` folder) from the model manager (type Main).
+With `dreambooth.use_ema_for: both`, `final/{name}-raw.safetensors` holds the weights without EMA.""",
     "lora": """```python
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{base}")
@@ -18,6 +30,19 @@ image = pipe("{trigger}").images[0]
 AUTOMATIC1111 / Forge: copy `final/{name}.safetensors` into `models/Lora/` and write
 `<lora:{name}:1>` in the prompt. ComfyUI: copy it into `models/loras/` and use a *LoraLoader* node.
 InvokeAI: install `final/{name}.safetensors` from the model manager (type LoRA).""",
+    "textual_inversion": """```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe.load_textual_inversion("{final}")              # learned_embeds.safetensors; the word is {trigger}
+# or the A1111 file, naming the word to type:
+# pipe.load_textual_inversion("{final}/{name}.safetensors", token="{trigger}")
+image = pipe("a photo of {trigger}").images[0]
+```
+
+AUTOMATIC1111 / Forge: copy `final/{name}.safetensors` into the `embeddings/` folder; the file name is the
+trigger, so write `{name}` in the prompt. ComfyUI: copy it into `models/embeddings/` and write
+`embedding:{name}` in the prompt. InvokeAI: install `final/{name}.safetensors` from the model manager
+(type Embedding) and type `<{name}>`.""",
 }
 
 

@@ -8,7 +8,9 @@ from .config import TRAINERS, RunConfig
 from .method import TrainingMethod
 
 _METHODS = {
+    "dreambooth": "dreamtune.trainers.dreambooth:DreamBoothMethod",
     "lora": "dreamtune.trainers.lora:LoraMethod",
+    "textual_inversion": "dreamtune.trainers.textual_inversion:TextualInversionMethod",
 }
 
 
