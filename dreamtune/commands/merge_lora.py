@@ -1,0 +1,64 @@
+"""`dreamtune merge-lora`: bake LoRAs (kohya or diffusers/PEFT, each with a scale) into a base checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import fail
+
+
+def parse_lora_arg(text: str) -> tuple[Path, float]:
+    """``file.safetensors:0.8`` -> (path, 0.8); no ``:scale`` means 1.0."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+def _unet_map(base: str, config_dir: str | None):
+    """The UNet key map of the base (its own config for a folder, else --config-dir or SD 1.5)."""
+    from ..weights.convert import config_dir_for
+    from ..weights.ldm_keys import unet_key_map
+    from ..weights.single_file import _read_json
+
+    folder = config_dir_for([base], config_dir)
+    return unet_key_map(_read_json(folder / "unet" / "config.json")), folder
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..weights.convert import DTYPES, WeightsError, open_checkpoint, provenance, save_checkpoint
+    from ..weights.merge import describe_loras, merge_loras, read_lora, text_encoder_module_names, unet_module_names
+
+    loras = [parse_lora_arg(text) for text in args.lora]
+    try:
+        unet_map, config_dir = _unet_map(args.base, args.config_dir)
+        with open_checkpoint(args.base, args.allow_pickle) as base:
+            te_names = text_encoder_module_names(base)
+            files = [(read_lora(p, args.allow_pickle, unet_module_names(unet_map), te_names), s) for p, s in loras]
+            state = merge_loras(base, files, unet_map, DTYPES.get(args.dtype))
+        settings = {"loras": describe_loras([p for p, _ in loras], [s for _, s in loras]),
+                    "dtype": args.dtype or "as base"}
+        meta = provenance("merge-lora", [args.base, *(p for p, _ in loras)], settings, hash_inputs=not args.no_hash)
+        out = save_checkpoint(state, args.out, args.format, meta, config_dir)
+    except (WeightsError, ValueError, FileNotFoundError, KeyError) as err:
+        return fail(str(err))
+    print(f"merged {len(loras)} LoRA(s) into {Path(args.base).name} -> {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge-lora", help="bake LoRAs into a checkpoint (linear and conv layers, alpha/rank honoured)")
+    p.add_argument("base", help="base checkpoint: single-file .safetensors or diffusers folder")
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]",
+                   help="a kohya or diffusers/PEFT LoRA file with an optional scale; repeat for several")
+    p.add_argument("--out", required=True, help="output .safetensors (or a folder with --format diffusers)")
+    p.add_argument("--format", choices=["single-file", "diffusers"], default="single-file")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output dtype (default: the base's)")
+    p.add_argument("--config-dir", help="diffusers folder whose configs describe a single-file base (default SD 1.5)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (torch weights_only load)")
+    p.add_argument("--no-hash", action="store_true", help="skip the input sha256 in the output metadata")
+    p.set_defaults(func=run)
