@@ -114,15 +114,22 @@ class TextualInversionMethod(TrainingMethod):
 
     def _announce_captions_without_token(self) -> None:
         """One notice, before training, naming how many data captions get the word put in front."""
-        records, _ = scan_records(self.cfg.data)
-        missing = sum(self.placeholder not in r.caption for r in records)
-        if missing and self._rank == 0:
-            warnings.warn(
-                f"textual_inversion: {missing} of {len(records)} captions do not contain {self.placeholder!r}; "
-                f"it is put in front of them ('{self.placeholder} <caption>'). Write it into the captions, or set "
-                "textual_inversion.use_templates=true to caption with the templates.",
-                stacklevel=2,
-            )
+        if self._rank != 0:
+            return
+        word = self.placeholder
+        if getattr(self.cfg.data, "streaming", False):  # a stream cannot be counted in advance
+            found = f"captions of the streamed dataset without {word!r} get it"
+        else:
+            records, _ = scan_records(self.cfg.data)
+            missing = sum(word not in r.caption for r in records)
+            if not missing:
+                return
+            found = f"{missing} of {len(records)} captions do not contain {word!r}; they get it"
+        warnings.warn(
+            f"textual_inversion: {found} put in front ('{word} <caption>'). Write it into the captions, "
+            "or set textual_inversion.use_templates=true to caption with the templates.",
+            stacklevel=2,
+        )
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         assert self.models is not None
@@ -195,7 +202,8 @@ class TextualInversionMethod(TrainingMethod):
         """Write the checkpointed rows back into the new token ids."""
         unknown = sorted(set(tensors) - {ROWS_KEY, BATCHES_KEY})
         if unknown or ROWS_KEY not in tensors:
-            raise KeyError(f"tensors {unknown[:3] or sorted(tensors)[:3]} are not a textual-inversion checkpoint of {module_name}")
+            shown = unknown[:3] or sorted(tensors)[:3]
+            raise KeyError(f"tensors {shown} are not a textual-inversion checkpoint of {module_name}")
         weight = module.get_input_embeddings().weight
         rows = tensors[ROWS_KEY]
         if tuple(rows.shape) != (len(self.token_ids), weight.shape[1]):
@@ -214,8 +222,12 @@ class TextualInversionMethod(TrainingMethod):
         name = self.cfg.output.name
         final_dir.mkdir(parents=True, exist_ok=True)
         paths = [
-            save_diffusers_embedding(final_dir / DIFFUSERS_FILE, self.placeholder, vectors, metadata=self._metadata(step)),
-            save_a1111_embedding(final_dir / f"{name}.safetensors", vectors, name=name, metadata=self._metadata(step, name)),
+            save_diffusers_embedding(
+                final_dir / DIFFUSERS_FILE, self.placeholder, vectors, metadata=self._metadata(step)
+            ),
+            save_a1111_embedding(
+                final_dir / f"{name}.safetensors", vectors, name=name, metadata=self._metadata(step, name)
+            ),
         ]
         if self.settings.export_pt:
             paths.append(save_a1111_pt(final_dir / f"{name}.pt", vectors, name=name, step=step))
