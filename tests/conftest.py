@@ -14,6 +14,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The tiny models are too small for intra-op threads to pay off; on a 2-core CI box two threads
+# per op mostly contend (measured ~4x slower pipeline calls).
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
