@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: Keys a ``data.sources`` entry inherits from the top level of ``data:`` when it leaves them unset.
+INHERITED_KEYS = (
+    "instance_prompt", "token", "class_name", "caption_extension", "caption_prefix", "caption_suffix",
+    "shuffle_tags", "keep_tokens", "caption_dropout", "tag_dropout", "repeats",
+    "dataset_config", "dataset_split", "image_column", "caption_column",
+)
 
-class DataConfig(BaseModel):
-    """Image sources, caption rules and transforms shared by every trainer."""
+
+class SourceOptions(BaseModel):
+    """Where one set of images comes from, and the caption rules applied to it."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -14,9 +23,18 @@ class DataConfig(BaseModel):
         None, description="Folder of images, searched recursively; a same-name .txt/.caption file is the caption."
     )
     instance_prompt: str | None = Field(
-        None, description="Caption for images that have no caption file (e.g. 'a photo of sks dog')."
+        None, description="Caption template for images without their own caption, e.g. 'a photo of {token} {class}'."
     )
-    caption_extension: str = Field(".txt", description="Sidecar caption extension; '.caption' is also read.")
+    token: str | None = Field(None, description="The trigger word that replaces {token} in captions (e.g. 'sks').")
+    class_name: str | None = Field(None, description="The class word that replaces {class} in captions (e.g. 'dog').")
+    caption_extension: str = Field(".txt", description="Sidecar caption extension; '.txt' and '.caption' are also read.")
+    caption_prefix: str = Field("", description="Text put before every caption (e.g. the trigger word).")
+    caption_suffix: str = Field("", description="Text put after every caption.")
+    shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags each epoch.")
+    keep_tokens: int = Field(0, ge=0, description="The first N tags stay in place (not shuffled or dropped).")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="Chance a whole caption becomes '' (for CFG).")
+    tag_dropout: float = Field(0.0, ge=0, le=1, description="Chance each (not kept) tag is left out.")
+    repeats: int = Field(1, ge=1, description="How many times each image appears per epoch ('10_name' folders override).")
     dataset: str | None = Field(
         None, description="A hub dataset id, a local dataset folder (save_to_disk or imagefolder) or a data file."
     )
@@ -24,26 +42,92 @@ class DataConfig(BaseModel):
     dataset_split: str = "train"
     image_column: str = "image"
     caption_column: str | None = Field("text", description="Caption column; null uses instance_prompt.")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "SourceOptions":
+        if self.instance_dir and self.dataset:
+            raise ValueError("set only one of instance_dir and dataset in one source")
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            raise ValueError(f"caption_extension must start with '.', got {self.caption_extension!r}")
+        return self
+
+
+class SourceConfig(SourceOptions):
+    """One entry of ``data.sources``: unset keys inherit the top-level ``data:`` values."""
+
+
+class DataConfig(SourceOptions):
+    """Image sources, caption rules and transforms shared by every trainer."""
+
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="Several sources in one run; top-level instance_dir/dataset is the shorthand."
+    )
+    streaming: bool = Field(False, description="Stream data.dataset (too large to hold); resume is approximate.")
+    shuffle_buffer: int = Field(1000, ge=1, description="Shuffle buffer size for a streamed dataset.")
     resolution: int = Field(512, ge=8, description="Square training size in pixels (a multiple of 8).")
     center_crop: bool = Field(True, description="Center crop after resizing; false crops at random.")
     random_flip: bool = Field(False, description="Flip half of the images horizontally.")
-    repeats: int = Field(1, ge=1, description="How many times each image appears per epoch.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    min_image_side: int | None = Field(
+        None, ge=1, description="Skip images whose short side is below this (smaller ones are otherwise only warned)."
+    )
+    bucketing: bool = Field(False, description="Aspect-ratio buckets of area resolution^2 instead of square crops.")
+    min_bucket_side: int = Field(256, ge=8, description="Smallest bucket side in pixels.")
+    max_bucket_side: int = Field(1024, ge=8, description="Largest bucket side in pixels.")
+    bucket_step: int = Field(64, ge=8, description="Bucket sides are multiples of this.")
+    bucket_no_upscale: bool = Field(False, description="Small images get a smaller bucket instead of an upscale.")
+    cache_latents: Literal["none", "memory", "disk"] = Field(
+        "none", description="Encode each image with the VAE once: in memory, or on disk (reused across runs)."
+    )
+    cache_dir: str | None = Field(None, description="Folder for cache_latents=disk; default <first source>/.dreamtune_cache.")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
         if self.resolution % 8:
             raise ValueError(f"data.resolution must be a multiple of 8, got {self.resolution}")
-        if self.instance_dir and self.dataset:
-            raise ValueError("set only one of data.instance_dir and data.dataset")
-        if self.caption_extension and not self.caption_extension.startswith("."):
-            raise ValueError(f"data.caption_extension must start with '.', got {self.caption_extension!r}")
+        if self.sources and (self.instance_dir or self.dataset):
+            raise ValueError(
+                "set either data.sources or the single-source shorthand data.instance_dir/data.dataset, not both"
+            )
+        if self.bucketing:
+            if self.bucket_step % 8:
+                raise ValueError(f"data.bucket_step must be a multiple of 8, got {self.bucket_step}")
+            if not self.min_bucket_side <= self.resolution <= self.max_bucket_side:
+                raise ValueError(
+                    f"data.min_bucket_side ({self.min_bucket_side}) <= data.resolution ({self.resolution}) "
+                    f"<= data.max_bucket_side ({self.max_bucket_side}) must hold"
+                )
+        if self.cache_latents != "none" and not self.center_crop:
+            raise ValueError(
+                "data.cache_latents needs data.center_crop=true: every random crop would be a new VAE pass"
+            )
+        if self.bucketing and self.streaming:
+            raise ValueError("data.bucketing needs every image size up front; it cannot bucket a streamed dataset")
+        if self.cache_latents != "none" and self.streaming:
+            raise ValueError("data.cache_latents cannot cache a streamed dataset; set data.streaming=false")
         return self
+
+    def source_configs(self) -> list[SourceConfig]:
+        """The run's sources, each with inherited keys filled from the top level."""
+        if not self.sources:
+            fields = {k: getattr(self, k) for k in SourceOptions.model_fields}
+            return [SourceConfig(**fields)]
+        resolved = []
+        for source in self.sources:
+            merged = {k: getattr(self, k) for k in INHERITED_KEYS}
+            merged.update(source.model_dump(exclude_unset=True))
+            resolved.append(SourceConfig(**merged))
+        return resolved
 
     def require_source(self) -> None:
         """Fail with the fix when the run has no images to learn from."""
-        if not self.instance_dir and not self.dataset:
+        if not self.instance_dir and not self.dataset and not self.sources:
             raise ValueError(
-                "data: no images to train on; set data.instance_dir (a folder of images) "
-                "or data.dataset (a hub or local dataset)"
+                "data: no images to train on; set data.instance_dir (a folder of images), "
+                "data.dataset (a hub or local dataset) or data.sources (a list of them)"
             )
+        for i, source in enumerate(self.sources):
+            if not source.instance_dir and not source.dataset:
+                raise ValueError(f"data.sources[{i}]: set instance_dir or dataset")
+        if self.streaming and not all(s.dataset for s in self.source_configs()):
+            raise ValueError("data.streaming applies to datasets only; every source needs data.dataset")

@@ -1,19 +1,25 @@
-"""The torch Dataset every trainer reads: transformed pixels plus the caption for each record."""
+"""The torch Dataset every trainer reads: transformed pixels (or cached latents) plus the caption."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import torch
 from torch.utils.data import Dataset
 
+from .buckets import assign_buckets
+from .caption_rules import CaptionRules, caption_rng, render_caption
 from .config import DataConfig
-from .images import BadImageError, prepare_image
+from .images import BadImageError, Transform, apply_transform, plan_transform, to_tensor
+from .latent_cache import LatentCache, LatentEncoder, latent_key
 from .sources import Record, SourceReport, scan_records
+
+log = logging.getLogger("dreamtune")
 
 
 class ImageCaptionDataset(Dataset):
-    """Records repeated ``cfg.repeats`` times; crop and flip are drawn per (seed, epoch, index)."""
+    """Each record repeated its ``repeats`` times; crops, flips and captions drawn per (seed, epoch, index)."""
 
     def __init__(self, records: list[Record], cfg: DataConfig, seed: int, report: SourceReport | None = None):
         self.records = records
@@ -21,36 +27,111 @@ class ImageCaptionDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.report = report or SourceReport(used=len(records))
+        self.index_map = [i for i, record in enumerate(records) for _ in range(record.repeats)]
+        self.targets = self._targets()
+        self.cache: LatentCache | None = None
+        self.fingerprint = ""
+
+    def _targets(self) -> list[tuple[int, int]]:
+        """Each record's training size (w, h): square, or its aspect-ratio bucket."""
+        res = self.cfg.resolution
+        if not self.cfg.bucketing:
+            return [(res, res)] * len(self.records)
+        for record in self.records:
+            if record.size is None:
+                record.size = record.load().size
+        c = self.cfg
+        return assign_buckets([r.size for r in self.records], res, c.min_bucket_side, c.max_bucket_side,
+                              c.bucket_step, c.bucket_no_upscale)
 
     def __len__(self) -> int:
-        return len(self.records) * self.cfg.repeats
+        return len(self.index_map)
 
     def set_epoch(self, epoch: int) -> None:
-        """Change the random crops/flips for a new epoch (reproducible from the seed)."""
+        """Change the random crops/flips/captions for a new epoch (reproducible from the seed)."""
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> dict:
-        record = self.records[index % len(self.records)]
-        rng = random.Random(hash((self.seed, self.epoch, index)))
+    def target_of(self, index: int) -> tuple[int, int]:
+        """The (w, h) example ``index`` is trained at."""
+        return self.targets[self.index_map[index]]
+
+    def caption_for(self, index: int) -> str:
+        """The caption the trainer sees for example ``index`` this epoch."""
+        record = self.records[self.index_map[index]]
+        return render_caption(record.caption, record.rules or CaptionRules(), caption_rng(self.seed, self.epoch, index))
+
+    def _plan(self, index: int, size: tuple[int, int], target: tuple[int, int]) -> Transform:
+        rng = random.Random(f"image:{self.seed}:{self.epoch}:{index}")
+        flip = self.cfg.random_flip and rng.random() < 0.5
+        return plan_transform(size, target, self.cfg.center_crop, flip, rng)
+
+    def use_cache(self, cache: LatentCache, encoder: LatentEncoder) -> None:
+        """Encode every record (and its flip when flips are on) into ``cache``; examples then carry latents."""
+        flips = [False, True] if self.cfg.random_flip else [False]
+        pending: dict[tuple[int, int], list[tuple[str, Record, Transform]]] = {}
+        for record, target in zip(self.records, self.targets):
+            if record.size is None:
+                record.size = record.load().size
+            for flip in flips:
+                transform = plan_transform(record.size, target, True, flip, random.Random(0))
+                key = latent_key(encoder.fingerprint, record.cache_identity(), target, transform.key())
+                if key not in cache:
+                    pending.setdefault(target, []).append((key, record, transform))
+        for items in pending.values():
+            for start in range(0, len(items), encoder.batch_size):
+                chunk = items[start : start + encoder.batch_size]
+                pixels = torch.stack([to_tensor(apply_transform(r.load(), t)) for _, r, t in chunk])
+                with torch.no_grad():
+                    latents = encoder.encode(pixels)
+                for (key, _, _), latent in zip(chunk, latents):
+                    cache.put(key, latent)
+        self.cache, self.fingerprint = cache, encoder.fingerprint
+
+    def example(self, index: int, target: tuple[int, int] | None = None) -> dict:
+        """Example ``index`` at ``target`` (default: its own size): pixels or latents, and its caption."""
+        record = self.records[self.index_map[index]]
+        target = target or self.target_of(index)
+        caption = self.caption_for(index)
+        if self.cache is not None:
+            transform = self._plan(index, record.size, target)
+            key = latent_key(self.fingerprint, record.cache_identity(), target, transform.key())
+            return {"latents": self.cache.get(key), "caption": caption}
         try:
             image = record.load()
-        except BadImageError:
-            # The file changed after the scan: use a neighbour rather than kill a long run.
-            return self[(index + 1) % len(self)]
-        flip = self.cfg.random_flip and rng.random() < 0.5
-        pixels = prepare_image(image, self.cfg.resolution, self.cfg.center_crop, flip, rng)
-        return {"pixel_values": pixels, "caption": record.caption}
+        except BadImageError as err:
+            # The file changed after the scan: use a neighbour of the same size rather than kill a long run.
+            log.warning("data: %s; using another image for this step", err)
+            return self.example(self._neighbour(index, target), target)
+        transform = self._plan(index, image.size, target)
+        return {"pixel_values": to_tensor(apply_transform(image, transform)), "caption": caption}
+
+    def _neighbour(self, index: int, target: tuple[int, int]) -> int:
+        """The next example of another record at the same size (for a file that broke after the scan)."""
+        own = self.index_map[index]
+        for step in range(1, len(self)):
+            other = (index + step) % len(self)
+            if self.index_map[other] != own and self.target_of(other) == target:
+                return other
+        raise BadImageError(f"{self.records[own].origin}: unreadable and no other image of its size to use")
+
+    def __getitem__(self, index: int) -> dict:
+        return self.example(index)
 
 
 def collate(examples: list[dict]) -> dict:
-    """Stack pixels; keep captions as strings for the trainer to tokenize."""
+    """Stack pixels (or latents); keep captions as strings for the trainer to tokenize."""
+    name = "latents" if "latents" in examples[0] else "pixel_values"
     return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
+        name: torch.stack([e[name] for e in examples]).contiguous(),
         "captions": [e["caption"] for e in examples],
     }
 
 
-def build_dataset(cfg: DataConfig, seed: int) -> ImageCaptionDataset:
-    """Scan the configured source and wrap it; raises DataSourceError before any model loads."""
+def build_dataset(cfg: DataConfig, seed: int):
+    """Scan the configured sources and wrap them; raises DataSourceError before any model loads."""
+    if cfg.streaming:
+        from .streaming import build_streaming_dataset
+
+        return build_streaming_dataset(cfg, seed)
     records, report = scan_records(cfg)
     return ImageCaptionDataset(records, cfg, seed, report)

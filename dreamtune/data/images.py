@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +41,45 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise BadImageError(f"{path}: not a readable image ({err})") from err
 
 
+@dataclass(frozen=True)
+class Transform:
+    """Resize to ``resized`` (w, h), crop ``box`` (left, top, right, bottom), then flip or not."""
+
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool = False
+
+    def key(self) -> str:
+        """A stable text form, for cache keys."""
+        return f"{self.resized[0]}x{self.resized[1]}:{','.join(map(str, self.box))}:{int(self.flip)}"
+
+
+def plan_transform(
+    size: tuple[int, int], target: tuple[int, int], center: bool, flip: bool, rng: random.Random
+) -> Transform:
+    """Scale ``size`` to cover ``target`` (w, h) and choose the crop, centered or at random."""
+    width, height = size
+    tw, th = target
+    scale = max(tw / width, th / height)
+    new_w, new_h = max(tw, round(width * scale)), max(th, round(height * scale))
+    if center:
+        left, top = (new_w - tw) // 2, (new_h - th) // 2
+    else:
+        left, top = rng.randint(0, new_w - tw), rng.randint(0, new_h - th)
+    return Transform((new_w, new_h), (left, top, left + tw, top + th), flip)
+
+
+def apply_transform(image: Image.Image, transform: Transform) -> Image.Image:
+    """Resize (Lanczos), crop and maybe flip an RGB image as ``transform`` says."""
+    if image.size != transform.resized:
+        image = image.resize(transform.resized, Image.Resampling.LANCZOS)
+    image = image.crop(transform.box)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if transform.flip else image
+
+
 def resize_and_crop(image: Image.Image, size: int, center: bool, rng: random.Random) -> Image.Image:
     """Resize the short side to ``size`` (Lanczos) and crop a ``size`` square, centered or at random."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    if center:
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-    else:
-        left, top = rng.randint(0, new_w - size), rng.randint(0, new_h - size)
-    return image.crop((left, top, left + size, top + size))
+    return apply_transform(image, plan_transform(image.size, (size, size), center, False, rng))
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .caption_rules import count_long_captions
 from .config import DataConfig
 from .dataset import ImageCaptionDataset, build_dataset, collate
-from .sampler import ShardedShuffleSampler
+from .latent_cache import LatentCache, LatentEncoder
+from .sampler import BucketBatchSampler, ShardedShuffleSampler
 from .sources import Record
+from .streaming import StreamingImageDataset
+
+log = logging.getLogger("dreamtune")
 
 
 class PairedDataset(Dataset):
@@ -27,9 +35,12 @@ class PairedDataset(Dataset):
         self.instance.set_epoch(epoch)
         self.classes.set_epoch(epoch)
 
+    def target_of(self, index: int) -> tuple[int, int]:
+        return self.instance.target_of(index % len(self.instance))
+
     def __getitem__(self, index: int) -> dict:
         example = dict(self.instance[index % len(self.instance)])
-        prior = self.classes[index % len(self.classes)]
+        prior = self.classes.example(index % len(self.classes), target=self.target_of(index))
         example["class_pixel_values"], example["class_caption"] = prior["pixel_values"], prior["caption"]
         return example
 
@@ -49,22 +60,52 @@ def collate_paired(examples: list[dict]) -> dict:
 class TrainLoader:
     """What the loop iterates: call ``set_epoch`` before each epoch (``skip`` batches when resuming)."""
 
-    dataset: ImageCaptionDataset
-    sampler: ShardedShuffleSampler
+    dataset: Any
+    sampler: Sampler | None
     dataloader: DataLoader
     batch_size: int
     paired: PairedDataset | None = None
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.sampler.set_epoch(epoch, skip=skip_batches * self.batch_size)
+        """Select the epoch's order and random draws; skip this process's first ``skip_batches`` batches."""
+        if isinstance(self.sampler, BucketBatchSampler):
+            self.sampler.set_epoch(epoch, skip=skip_batches)
+        elif self.sampler is not None:
+            self.sampler.set_epoch(epoch, skip=skip_batches * self.batch_size)
+        else:  # streaming: the dataset skips examples itself (approximate with workers)
+            self.dataset.set_epoch(epoch, skip=skip_batches * self.batch_size)
+            return
         (self.paired or self.dataset).set_epoch(epoch)
 
     def batches_per_epoch(self) -> int:
-        """Batches one process sees in a full epoch."""
+        """Batches one process sees in a full epoch (for a stream of unknown size: 0)."""
+        if isinstance(self.sampler, BucketBatchSampler):
+            return self.sampler.per_replica()
+        if self.sampler is None:
+            return math.ceil(len(self.dataset) / self.batch_size)
         return math.ceil(self.sampler.per_replica() / self.batch_size)
 
     def __iter__(self):
         return iter(self.dataloader)
+
+
+def default_cache_dir(cfg: DataConfig) -> Path:
+    """data.cache_dir, else a hidden folder inside the first image folder (or ./.dreamtune_cache)."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    folders = [s.instance_dir for s in cfg.source_configs() if s.instance_dir]
+    return Path(folders[0] if folders else ".") / ".dreamtune_cache" / "latents"
+
+
+def warn_long_captions(dataset: ImageCaptionDataset, tokenizer: Any, max_length: int = 77) -> int:
+    """Warn once with how many images have captions the text encoder will truncate."""
+    long = count_long_captions([r.caption for r in dataset.records], tokenizer, max_length)
+    if long:
+        message = (f"data: {long} of {len(dataset.records)} images have captions longer than the text encoder's "
+                   f"{max_length} tokens; the ends are cut off. Shorten them or move key words first.")
+        log.warning(message)
+        print(message)
+    return long
 
 
 def build_train_loader(
@@ -74,26 +115,43 @@ def build_train_loader(
     seed: int,
     num_replicas: int = 1,
     rank: int = 0,
-    dataset: ImageCaptionDataset | None = None,
+    dataset: Any = None,
     class_records: list[Record] | None = None,
+    latent_encoder: LatentEncoder | None = None,
+    tokenizer: Any = None,
 ) -> TrainLoader:
-    """The loader for one process; ``class_records`` adds a prior-preservation example to each one."""
-    dataset = dataset or build_dataset(cfg, seed)
+    """The loader for one process; ``class_records`` adds a prior-preservation example to each one.
+
+    ``latent_encoder`` (with data.cache_latents memory|disk) encodes every image once; batches then
+    carry ``latents`` instead of ``pixel_values``. ``tokenizer`` enables the long-caption warning.
+    """
+    dataset = dataset if dataset is not None else build_dataset(cfg, seed)
+    # Its own generator: starting an epoch must not draw from the global RNG, or a resumed
+    # run (which restores that RNG) would diverge from a straight one.
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(dataset, StreamingImageDataset):
+        dataset.shard(num_replicas, rank)
+        dataloader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=cfg.num_workers)
+        return TrainLoader(dataset=dataset, sampler=None, dataloader=dataloader, batch_size=batch_size)
+    if tokenizer is not None:
+        warn_long_captions(dataset, tokenizer)
+    if cfg.cache_latents != "none" and latent_encoder is not None:
+        if class_records:
+            raise ValueError("data.cache_latents does not cover prior-preservation class images yet; "
+                             "set data.cache_latents=none for this run")
+        dataset.use_cache(LatentCache(cfg.cache_latents, default_cache_dir(cfg)), latent_encoder)
     paired = None
     if class_records:
         classes = ImageCaptionDataset(class_records, cfg.model_copy(update={"repeats": 1}), seed + 1)
         paired = PairedDataset(dataset, classes)
     source = paired or dataset
-    sampler = ShardedShuffleSampler(len(source), seed, num_replicas=num_replicas, rank=rank)
-    dataloader = DataLoader(
-        source,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=collate_paired if paired else collate,
-        num_workers=cfg.num_workers,
-        persistent_workers=False,
-        # Its own generator: starting an epoch must not draw from the global RNG, or a resumed
-        # run (which restores that RNG) would diverge from a straight one.
-        generator=torch.Generator().manual_seed(seed),
-    )
+    workers = dict(num_workers=cfg.num_workers, persistent_workers=False, generator=generator,
+                   collate_fn=collate_paired if paired else collate)
+    if cfg.bucketing:
+        sampler = BucketBatchSampler([source.target_of(i) for i in range(len(source))], batch_size, seed,
+                                     num_replicas=num_replicas, rank=rank)
+        dataloader = DataLoader(source, batch_sampler=sampler, **workers)
+    else:
+        sampler = ShardedShuffleSampler(len(source), seed, num_replicas=num_replicas, rank=rank)
+        dataloader = DataLoader(source, batch_size=batch_size, sampler=sampler, **workers)
     return TrainLoader(dataset=dataset, sampler=sampler, dataloader=dataloader, batch_size=batch_size, paired=paired)

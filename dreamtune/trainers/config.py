@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -81,6 +81,16 @@ class LoggingConfig(Section):
 
 class ExportConfig(Section):
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="dtype of the single-file exports.")
+    blend_alpha: list[Annotated[float, Field(ge=0, le=1)]] | None = Field(
+        None,
+        description="DreamBooth: also write alpha*fine-tune + (1-alpha)*base single files, one per value "
+        "(the Pokemon recipe's style strength); a single number is accepted.",
+    )
+
+    @field_validator("blend_alpha", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, (int, float)) else value
 
 
 class OutputConfig(Section):
@@ -138,9 +148,11 @@ TEXTUAL_INVERSION_TRAIN_DEFAULTS = {"learning_rate": 5.0e-4, "max_steps": 3000}
 
 class DreamBoothSettings(Section):
     train_text_encoder: bool = Field(False, description="Also fine-tune the whole text encoder.")
-    text_encoder_lr: float | None = Field(None, gt=0, description="Text-encoder lr; default train.learning_rate.")
+    text_encoder_lr: float | None = Field(
+        None, gt=0, description="With train_text_encoder: its lr; default train.learning_rate."
+    )
     text_encoder_steps: int | None = Field(
-        None, ge=1, description="Freeze the text encoder after this many steps; null trains it to the end."
+        None, ge=1, description="With train_text_encoder: freeze it after this many steps; null trains it to the end."
     )
     ema: bool = Field(False, description="Keep an exponential moving average of the trained weights (EMAModel).")
     ema_decay: float = Field(0.9999, gt=0, lt=1, description="Per-step EMA decay, the ceiling of the warmup ramp.")
@@ -166,7 +178,7 @@ class DreamBoothSettings(Section):
     )
     num_class_images: int = Field(200, ge=1, description="Class images to train with (generated if missing).")
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class-image loss (lambda).")
-    class_generation_batch_size: int = Field(4, ge=1)
+    class_generation_batch_size: int = Field(4, ge=1, description="Class images generated per pipeline call.")
     class_generation_steps: int = Field(30, ge=1, description="Sampling steps per generated class image.")
 
     @model_validator(mode="after")
@@ -178,12 +190,6 @@ class DreamBoothSettings(Section):
             )
         if self.use_ema_for == "both" and not self.ema:
             raise ValueError("dreambooth.use_ema_for=both needs dreambooth.ema=true; or set use_ema_for: raw")
-        unused = [k for k in ("text_encoder_lr", "text_encoder_steps") if getattr(self, k) is not None]
-        if unused and not self.train_text_encoder:
-            raise ValueError(
-                f"dreambooth.{unused[0]} is set but dreambooth.train_text_encoder is false; "
-                "set train_text_encoder: true or remove it"
-            )
         return self
 
 
@@ -213,6 +219,11 @@ class RunConfig(Section):
                 self.dreambooth.class_dir = str(Path(self.output.dir) / "class_images")
         if self.trainer == "textual_inversion":
             self._textual_inversion_defaults()
+        if self.export.blend_alpha and self.trainer != "dreambooth":
+            raise ValueError(
+                "export.blend_alpha blends a full fine-tune with its base and applies to trainer: dreambooth; "
+                "for a LoRA, lower its strength at load time instead (e.g. <lora:name:0.7>)"
+            )
         return self
 
     def _textual_inversion_defaults(self) -> None:

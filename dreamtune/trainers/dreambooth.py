@@ -152,7 +152,8 @@ class DreamBoothMethod(TrainingMethod):
         """Start the EMA copies here (models are on their device, fp32) and hand them to the checkpoints."""
         s = self.settings
         if s.ema:
-            self.emas = {name: self._make_ema(module, accelerator.device) for name, module in self.trained_modules().items()}
+            modules = self.trained_modules().items()
+            self.emas = {name: self._make_ema(module, accelerator.device) for name, module in modules}
         return [*self.emas.values(), *([_TextEncoderStop(self)] if s.text_encoder_steps else [])]
 
     def _make_ema(self, module: torch.nn.Module, device: torch.device) -> TrainingEMA:
@@ -236,10 +237,39 @@ class DreamBoothMethod(TrainingMethod):
         name = self.cfg.output.name
         if not (self.emas and self.settings.use_ema_for == "both"):
             weights = "ema" if self.emas and self.settings.use_ema_for == "ema" else "raw"
-            return self._save_pair(parts, final_dir, step, weights)
+            return [*self._save_pair(parts, final_dir, step, weights), *self._save_blends(parts, final_dir)]
         raw = self._save_single_file(parts, final_dir / f"{name}-raw.safetensors", step, "raw")
         with self.ema_weights(modules):
-            return [*self._save_pair(parts, final_dir, step, "ema"), raw]
+            return [*self._save_pair(parts, final_dir, step, "ema"), raw, *self._save_blends(parts, final_dir)]
+
+    def _save_blends(self, parts: dict[str, Any], final_dir: Path) -> list[Path]:
+        """``export.blend_alpha``: the exported weights averaged with the base, one single file per alpha."""
+        alphas = self.cfg.export.blend_alpha or []
+        if not alphas:
+            return []
+        from ..weights.blend import blend_with_base
+        from ..weights.safetensors_io import save_safetensors
+        from ..weights.single_file import diffusers_to_single_file
+
+        base = load_base_model(self.cfg.model)
+        tuned = {name: parts[name].state_dict() for name in ("unet", "text_encoder")}
+        paths = []
+        for alpha in alphas:
+            unet = blend_with_base(tuned["unet"], base.unet.state_dict(), alpha)
+            text = blend_with_base(tuned["text_encoder"], base.text_encoder.state_dict(), alpha)
+            tensors = diffusers_to_single_file(
+                unet, base.vae.state_dict(), text, dict(base.unet.config), dict(base.vae.config),
+                dtype=EXPORT_DTYPES[self.cfg.export.dtype],
+            )
+            metadata = {
+                "modelspec.architecture": "stable-diffusion-v1",
+                "modelspec.description": f"{alpha} x DreamBooth fine-tune + {1 - alpha:g} x {self.cfg.model.pretrained}",
+                "dreamtune.blend_alpha": alpha,
+                "dreamtune.base_model": self.cfg.model.pretrained,
+            }
+            path = final_dir / f"{self.cfg.output.name}-blend-{alpha:.2f}.safetensors"
+            paths.append(save_safetensors(tensors, path, metadata=metadata))
+        return paths
 
     def _export_parts(self, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
         """Trained modules as they are; frozen ones as the base has them (not their half-precision copies)."""
@@ -261,7 +291,9 @@ class DreamBoothMethod(TrainingMethod):
         if Path(model.pretrained).expanduser().is_file():
             config = json.loads((SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
         else:
-            config = diffusers.DDPMScheduler.load_config(model.pretrained, subfolder="scheduler", revision=model.revision)
+            config = diffusers.DDPMScheduler.load_config(
+                model.pretrained, subfolder="scheduler", revision=model.revision
+            )
         cls = getattr(diffusers, str(config.get("_class_name")), None)
         if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
             cls = diffusers.PNDMScheduler

@@ -152,7 +152,7 @@ class Trainer:
         weight_dtype = DTYPES[cfg.train.mixed_precision]
         for name, module in self.models.components().items():
             if isinstance(module, torch.nn.Module):
-                # Frozen parts run in the mixed-precision dtype: half the memory, same result.
+                # Frozen parts run in the mixed-precision dtype: half the memory.
                 lower = name not in trained and weight_dtype != torch.float32
                 module.to(acc.device, dtype=weight_dtype) if lower else module.to(acc.device)
         for name, module in trained.items():
@@ -181,7 +181,11 @@ class Trainer:
             rank=acc.process_index,
             dataset=self.dataset,
             class_records=self.method.class_records(acc),
+            latent_encoder=self._latent_encoder(),
+            tokenizer=self.models.tokenizer,
         )
+        if cfg.data.cache_latents != "none" and not cfg.validation.prompts:
+            self.models.vae.to("cpu")  # every latent is cached; only validation would need it again
         names = list(trained)
         prepared = acc.prepare(*[trained[n] for n in names], optimizer, lr_scheduler)
         self.trained = dict(zip(names, prepared[: len(names)]))
@@ -190,6 +194,19 @@ class Trainer:
         self._register_checkpoint_hooks()
         for extra in self.method.checkpoint_objects(acc):
             acc.register_for_checkpointing(extra)
+
+    def _latent_encoder(self):
+        """The VAE as data.cache_latents' encoder (its mean latent, scaled), or None when not caching."""
+        if self.cfg.data.cache_latents == "none":
+            return None
+        from ..data.latent_cache import LatentEncoder, module_fingerprint
+
+        vae, device = self.models.vae, self.accelerator.device
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return vae.encode(pixels.to(device, dtype=vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+
+        return LatentEncoder(encode, module_fingerprint(vae, {**vae.config, "dtype": str(vae.dtype)}))
 
     def _register_checkpoint_hooks(self) -> None:
         """accelerate saves optimizer/scheduler/RNG; we save only the trainable tensors ourselves."""
@@ -288,15 +305,18 @@ class Trainer:
         m, acc = self.models, self.accelerator
         unet = self.trained.get("unet", m.unet)
         text_encoder = self.trained.get("text_encoder", m.text_encoder)
-        pixels = batch["pixel_values"].to(acc.device, dtype=self.weight_dtype)
         captions = self.method.captions(batch["captions"])
         input_ids = m.tokenizer(
             captions, padding="max_length", max_length=m.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids.to(acc.device)
         generators = sample_generators(self.cfg.train.seed, micro_step, self._positions(len(captions)))
-        with torch.no_grad():
-            latents = sample_latents(m.vae.encode(pixels).latent_dist, generators) * m.vae.config.scaling_factor
+        if "latents" in batch:  # data.cache_latents: already encoded and scaled
+            latents = batch["latents"].to(acc.device, dtype=self.weight_dtype)
+        else:
+            pixels = batch["pixel_values"].to(acc.device, dtype=self.weight_dtype)
+            with torch.no_grad():
+                latents = sample_latents(m.vae.encode(pixels).latent_dist, generators) * m.vae.config.scaling_factor
         noise = sample_noise(latents, self.cfg.train.noise_offset, generators)
         timesteps = sample_timesteps(m.noise_scheduler, generators, latents.device)
         noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -434,7 +454,7 @@ class Trainer:
         print(
             f"dreamtune: {cfg.trainer} on {cfg.model.pretrained}\n"
             f"  trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)\n"
-            f"  {len(self.dataset)} examples ({len(self.dataset.records)} images x {cfg.data.repeats} repeats), "
+            f"  {len(self.dataset)} examples per epoch from {len(self.dataset.records)} images (with repeats), "
             f"{cfg.train.max_steps} steps, ~{math.ceil(cfg.train.max_steps / steps_per_epoch)} epochs\n"
             f"  effective batch {effective} (batch {cfg.train.batch_size} x accumulation "
             f"{cfg.train.gradient_accumulation} x {acc.num_processes} processes), precision "
