@@ -18,15 +18,6 @@ from dreamtune.weights.safetensors_io import load_safetensors, read_metadata
 HIDDEN = 32  # the tiny text encoder's width (768 in SD 1.x)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box threads thrash."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def vectors() -> torch.Tensor:
     return torch.randn(2, HIDDEN, generator=torch.Generator().manual_seed(0))

@@ -29,15 +29,6 @@ TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 PROMPT = "a photo of sks dog"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box threads thrash (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _pipeline(model_dir: Path):
     from diffusers import StableDiffusionPipeline
 

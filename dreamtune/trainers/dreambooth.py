@@ -118,11 +118,7 @@ class DreamBoothMethod(TrainingMethod):
             models.text_encoder.requires_grad_(True)
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
-        assert self.models is not None
-        modules = {"unet": self.models.unet}
-        if self.settings.train_text_encoder:
-            modules["text_encoder"] = self.models.text_encoder
-        return modules
+        return self.unet_and_text_encoder(self.settings.train_text_encoder)
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         groups = [{"params": list(self.models.unet.parameters()), "lr": learning_rate}]

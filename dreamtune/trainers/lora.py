@@ -60,11 +60,7 @@ class LoraMethod(TrainingMethod):
             raise ValueError(f"{key}: {missing} match no layer of the model; layer names include {examples}")
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
-        assert self.models is not None
-        modules = {"unet": self.models.unet}
-        if self.settings.train_text_encoder:
-            modules["text_encoder"] = self.models.text_encoder
-        return modules
+        return self.unet_and_text_encoder(self.settings.train_text_encoder)
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         assert self.models is not None

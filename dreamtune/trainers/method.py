@@ -37,6 +37,14 @@ class TrainingMethod:
         """Name -> module for every model holding trainable weights (prepared, accumulated, saved)."""
         raise NotImplementedError
 
+    def unet_and_text_encoder(self, with_text_encoder: bool) -> dict[str, torch.nn.Module]:
+        """The UNet, plus the text encoder when it trains too: what LoRA and DreamBooth train."""
+        assert self.models is not None, "setup() must run first"
+        modules = {"unet": self.models.unet}
+        if with_text_encoder:
+            modules["text_encoder"] = self.models.text_encoder
+        return modules
+
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; the default puts every trainable weight at ``learning_rate``."""
         params = [p for m in self.trained_modules().values() for p in m.parameters() if p.requires_grad]
