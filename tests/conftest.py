@@ -29,3 +29,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from dreamtune.trainers.tiny_model import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
+
+
+def tiny_run_config(recipe: str, model_dir: Path, out: Path, *overrides: str):
+    """A shipped config pointed at the tiny test model and the shipped images, at 32 px, trackers off."""
+    from dreamtune.trainers.config import load_config
+
+    return load_config(
+        REPO_ROOT / "configs" / recipe,
+        [
+            f"model.pretrained={model_dir}",
+            f"output.dir={out}",
+            f"data.instance_dir={REPO_ROOT / 'examples' / 'sks_toy'}",
+            "data.resolution=32",
+            "logging.report_to=[]",
+            *overrides,
+        ],
+    )
+
+
+def render_32(pipe, prompt: str):
+    """One 32 px image as a numpy array: seed 0, 2 steps, no guidance, so runs compare exactly."""
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
+                generator=generator, output_type="np").images[0]

@@ -12,33 +12,28 @@ from safetensors.torch import load_file
 from dreamtune.trainers.config import ConfigError, load_config
 from dreamtune.trainers.loop import Trainer
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, render_32, tiny_run_config
 
 PROMPT = "a photo of sks toy"
 
 
 def db_config(model_dir: Path, out: Path, *overrides: str):
-    return load_config(
-        REPO_ROOT / "configs" / "tiny_dreambooth.yaml",
-        [
-            f"model.pretrained={model_dir}",
-            f"output.dir={out}",
-            f"data.instance_dir={REPO_ROOT / 'examples' / 'sks_toy'}",
-            "data.resolution=32",
-            "train.max_steps=3",
-            "train.learning_rate=1.0e-3",
-            "train.save_every=0",
-            "validation.every=0",
-            "validation.num_inference_steps=2",
-            "validation.images_per_prompt=1",
-            f"validation.prompts=[{PROMPT}]",
-            "logging.report_to=[]",
-            "logging.every=1",
-            "export.dtype=fp32",
-            "dreambooth.ema_decay=0.5",  # moves visibly within a few steps
-            "dreambooth.ema_update_after_step=0",
-            *overrides,
-        ],
+    return tiny_run_config(
+        "tiny_dreambooth.yaml",
+        model_dir,
+        out,
+        "train.max_steps=3",
+        "train.learning_rate=1.0e-3",
+        "train.save_every=0",
+        "validation.every=0",
+        "validation.num_inference_steps=2",
+        "validation.images_per_prompt=1",
+        f"validation.prompts=[{PROMPT}]",
+        "logging.every=1",
+        "export.dtype=fp32",
+        "dreambooth.ema_decay=0.5",  # moves visibly within a few steps
+        "dreambooth.ema_update_after_step=0",
+        *overrides,
     )
 
 
@@ -152,12 +147,6 @@ def test_loss_splits_instance_and_prior(tiny_model_dir, tmp_path):
     assert loss.item() == pytest.approx(8.5) and scalars == {}
 
 
-def render(pipe) -> np.ndarray:
-    generator = torch.Generator().manual_seed(0)
-    return pipe(PROMPT, num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
-                generator=generator, output_type="np").images[0]
-
-
 @pytest.fixture(scope="module")
 def exported(trained, tiny_model_dir):
     """Images from the in-memory EMA model, the base, final/diffusers and the single file (diffusers' loader)."""
@@ -171,7 +160,8 @@ def exported(trained, tiny_model_dir):
     for module in (m.unet, m.text_encoder):
         module.eval()
     with trainer.method.sampling_weights(trainer.unwrapped()):
-        images = {"ema": render(build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler))}
+        ema_pipe = build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler)
+        images = {"ema": render_32(ema_pipe, PROMPT)}
     pipes = {
         "base": StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None),
         "diffusers": StableDiffusionPipeline.from_pretrained(final / "diffusers"),
@@ -184,7 +174,7 @@ def exported(trained, tiny_model_dir):
     for name, pipe in pipes.items():
         pipe.scheduler = scheduler
         pipe.set_progress_bar_config(disable=True)
-        images[name] = render(pipe)
+        images[name] = render_32(pipe, PROMPT)
     return images, pipes
 
 

@@ -9,32 +9,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreamtune.trainers.config import load_config
 from dreamtune.trainers.loop import Trainer
 
-from .conftest import REPO_ROOT
+from .conftest import render_32, tiny_run_config
 
 
 def lora_config(model_dir: Path, out: Path, *overrides: str):
-    return load_config(
-        REPO_ROOT / "configs" / "quickstart_lora.yaml",
-        [
-            f"model.pretrained={model_dir}",
-            f"output.dir={out}",
-            f"data.instance_dir={REPO_ROOT / 'examples' / 'sks_toy'}",
-            "data.resolution=32",
-            "train.max_steps=4",
-            "train.learning_rate=5.0e-3",
-            "train.lr_warmup_steps=0",
-            "train.save_every=0",
-            "validation.every=0",
-            "validation.num_inference_steps=2",
-            "validation.images_per_prompt=1",
-            "validation.prompts=[a photo of sks toy]",
-            "logging.report_to=[]",
-            "lora.alpha=16",  # alpha != rank: the exports must keep the scale
-            *overrides,
-        ],
+    return tiny_run_config(
+        "quickstart_lora.yaml",
+        model_dir,
+        out,
+        "train.max_steps=4",
+        "train.learning_rate=5.0e-3",
+        "train.lr_warmup_steps=0",
+        "train.save_every=0",
+        "validation.every=0",
+        "validation.num_inference_steps=2",
+        "validation.images_per_prompt=1",
+        "validation.prompts=[a photo of sks toy]",
+        "lora.alpha=16",  # alpha != rank: the exports must keep the scale
+        *overrides,
     )
 
 
@@ -102,12 +96,6 @@ def test_kohya_file_keys_and_metadata(trained):
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
 
 
-def render(pipe, prompt="a photo of sks toy") -> np.ndarray:
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
-                generator=generator, output_type="np").images[0]
-
-
 @pytest.fixture(scope="module")
 def images(trained, tiny_model_dir):
     """The in-memory trained model's image, the base model's, and each export's loaded by diffusers."""
@@ -119,7 +107,8 @@ def images(trained, tiny_model_dir):
     m = trainer.models
     for module in (m.unet, m.text_encoder):
         module.eval()
-    out = {"trained": render(build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler))}
+    trained_pipe = build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler)
+    out = {"trained": render_32(trained_pipe, "a photo of sks toy")}
     final = result.output_dir / "final"
     for name, weight_name in [("base", None), ("diffusers", None), ("kohya", "sks_toy_lora.safetensors")]:
         pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
@@ -127,7 +116,7 @@ def images(trained, tiny_model_dir):
         pipe.set_progress_bar_config(disable=True)
         if name != "base":
             pipe.load_lora_weights(str(final), weight_name=weight_name)
-        out[name] = render(pipe)
+        out[name] = render_32(pipe, "a photo of sks toy")
     return out
 
 

@@ -16,24 +16,19 @@ from dreamtune.trainers.config import load_config
 from dreamtune.trainers.loop import Trainer, TrainingDiverged
 from dreamtune.trainers.models import ModelLoadError
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, tiny_run_config
 
 
 def config(model_dir: Path, out: Path, *overrides: str):
-    return load_config(
-        REPO_ROOT / "configs" / "quickstart_lora.yaml",
-        [
-            f"model.pretrained={model_dir}",
-            f"output.dir={out}",
-            f"data.instance_dir={REPO_ROOT / 'examples' / 'sks_toy'}",
-            "data.resolution=32",
-            "train.learning_rate=1.0e-2",
-            "train.lr_scheduler=linear",
-            "train.lr_warmup_steps=1",
-            "validation.prompts=[]",
-            "logging.report_to=[]",
-            *overrides,
-        ],
+    return tiny_run_config(
+        "quickstart_lora.yaml",
+        model_dir,
+        out,
+        "train.learning_rate=1.0e-2",
+        "train.lr_scheduler=linear",
+        "train.lr_warmup_steps=1",
+        "validation.prompts=[]",
+        *overrides,
     )
 
 

@@ -18,30 +18,25 @@ from dreamtune.trainers.models import load_base_model
 from dreamtune.trainers.registry import create_method
 from dreamtune.weights.embeddings import load_embedding
 
-from .conftest import REPO_ROOT
+from .conftest import render_32, tiny_run_config
 
 NAME = "sks_toy_ti"  # output.name in configs/tiny_ti.yaml
 
 
 def ti_config(model_dir: Path, out: Path, *overrides: str):
-    return load_config(
-        REPO_ROOT / "configs" / "tiny_ti.yaml",
-        [
-            f"model.pretrained={model_dir}",
-            f"output.dir={out}",
-            f"data.instance_dir={REPO_ROOT / 'examples' / 'sks_toy'}",
-            "data.resolution=32",
-            "train.max_steps=4",
-            "train.learning_rate=5.0e-2",
-            "train.save_every=2",
-            "validation.every=0",
-            "validation.num_inference_steps=2",
-            "validation.images_per_prompt=1",
-            "validation.prompts=[a photo of <sks>]",
-            "logging.report_to=[]",
-            "textual_inversion.num_vectors=3",
-            *overrides,
-        ],
+    return tiny_run_config(
+        "tiny_ti.yaml",
+        model_dir,
+        out,
+        "train.max_steps=4",
+        "train.learning_rate=5.0e-2",
+        "train.save_every=2",
+        "validation.every=0",
+        "validation.num_inference_steps=2",
+        "validation.images_per_prompt=1",
+        "validation.prompts=[a photo of <sks>]",
+        "textual_inversion.num_vectors=3",
+        *overrides,
     )
 
 
@@ -142,12 +137,6 @@ def test_bf16_keeps_the_embedding_fp32_and_the_only_trainable(tiny_model_dir, tm
 
 
 # -- exports ---------------------------------------------------------------------------------------
-def render(pipe, prompt: str) -> np.ndarray:
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
-                generator=generator, output_type="np").images[0]
-
-
 def loaded_pipeline(model_dir: Path, noise_scheduler, embedding: Path | None = None, token: str | None = None):
     """A fresh base pipeline, with an exported embedding loaded by diffusers when given."""
     from diffusers import StableDiffusionPipeline
@@ -176,13 +165,13 @@ def images(trained, tiny_model_dir):
     """The in-memory trained model's image, the base model's, and each export's as diffusers loads it."""
     trainer, result = trained
     prompt, final, scheduler = "a photo of <sks>", result.output_dir / "final", trainer.models.noise_scheduler
-    out = {"trained": render(in_memory_pipeline(trainer), prompt)}
-    out["base"] = render(loaded_pipeline(tiny_model_dir, scheduler), prompt)
+    out = {"trained": render_32(in_memory_pipeline(trainer), prompt)}
+    out["base"] = render_32(loaded_pipeline(tiny_model_dir, scheduler), prompt)
     for export, path, token in [("diffusers", final, None), ("a1111", final / f"{NAME}.safetensors", "<sks>")]:
         pipe = loaded_pipeline(tiny_model_dir, scheduler, path, token)
         # diffusers names and expands the vectors as we do.
         assert pipe.maybe_convert_prompt(prompt, pipe.tokenizer) == trainer.method.expand(prompt)
-        out[export] = render(pipe, prompt)
+        out[export] = render_32(pipe, prompt)
     return out
 
 
