@@ -77,22 +77,7 @@ def apply_transform(image: Image.Image, transform: Transform) -> Image.Image:
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if transform.flip else image
 
 
-def resize_and_crop(image: Image.Image, size: int, center: bool, rng: random.Random) -> Image.Image:
-    """Resize the short side to ``size`` (Lanczos) and crop a ``size`` square, centered or at random."""
-    return apply_transform(image, plan_transform(image.size, (size, size), center, False, rng))
-
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float tensor [3, H, W] in [-1, 1], the range the VAE expects."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
-
-
-def prepare_image(
-    image: Image.Image, size: int, center_crop: bool, flip: bool, rng: random.Random
-) -> torch.Tensor:
-    """The whole image transform: RGB, resize, crop, optional flip, tensor."""
-    image = resize_and_crop(to_rgb(image), size, center_crop, rng)
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)

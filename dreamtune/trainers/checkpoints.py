@@ -66,7 +66,7 @@ def rotate(checkpoints_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_trainable(modules: dict[str, torch.nn.Module], tensors: dict[str, dict], folder: Path) -> None:
+def save_trainable(tensors: dict[str, dict], folder: Path) -> None:
     """Only the trained tensors of each module (a LoRA checkpoint stays megabytes, not gigabytes)."""
     for name, state in tensors.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / f"trainable_{name}.safetensors")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -247,14 +248,17 @@ class DreamBoothMethod(TrainingMethod):
         from ..weights.safetensors_io import save_safetensors
         from ..weights.single_file import diffusers_to_single_file
 
-        base = load_base_model(self.cfg.model)
+        base = self._pristine_base
         tuned = {name: parts[name].state_dict() for name in ("unet", "text_encoder")}
+        base_unet, base_text, base_vae = (module.state_dict() for module in (base.unet, base.text_encoder, base.vae))
         paths = []
         for alpha in alphas:
-            unet = blend_with_base(tuned["unet"], base.unet.state_dict(), alpha)
-            text = blend_with_base(tuned["text_encoder"], base.text_encoder.state_dict(), alpha)
             tensors = diffusers_to_single_file(
-                unet, base.vae.state_dict(), text, dict(base.unet.config), dict(base.vae.config),
+                blend_with_base(tuned["unet"], base_unet, alpha),
+                base_vae,
+                blend_with_base(tuned["text_encoder"], base_text, alpha),
+                dict(base.unet.config),
+                dict(base.vae.config),
                 dtype=EXPORT_DTYPES[self.cfg.export.dtype],
             )
             metadata = {
@@ -267,13 +271,18 @@ class DreamBoothMethod(TrainingMethod):
             paths.append(save_safetensors(tensors, path, metadata=metadata))
         return paths
 
+    @cached_property
+    def _pristine_base(self) -> BaseModel:
+        """The base as stored (fp32): what blends start from and what frozen parts export as; loaded once."""
+        return load_base_model(self.cfg.model)
+
     def _export_parts(self, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
         """Trained modules as they are; frozen ones as the base has them (not their half-precision copies)."""
         m = self.models
         parts = {"unet": modules["unet"], "text_encoder": modules.get("text_encoder", m.text_encoder),
                  "vae": m.vae, "tokenizer": m.tokenizer, "scheduler": self._base_scheduler()}
         if self.cfg.train.mixed_precision != "no":
-            base = load_base_model(self.cfg.model)
+            base = self._pristine_base
             parts["vae"] = base.vae
             if "text_encoder" not in modules:
                 parts["text_encoder"] = base.text_encoder

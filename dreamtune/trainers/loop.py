@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import signal
@@ -30,8 +29,6 @@ from .objective import (
 from .optim import build_lr_scheduler, build_optimizer
 from .registry import create_method
 from .sampling import build_pipeline, render_images, save_grid
-
-log = logging.getLogger("dreamtune")
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -236,9 +233,8 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if acc.is_main_process:
-            unwrapped = self.unwrapped()
-            tensors = {n: self.method.trainable_state_dict(n, m) for n, m in unwrapped.items()}
-            ckpt.save_trainable(unwrapped, tensors, tmp)
+            tensors = {n: self.method.trainable_state_dict(n, m) for n, m in self.unwrapped().items()}
+            ckpt.save_trainable(tensors, tmp)
             ckpt.write_state(tmp, {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch})
             if final.exists():
                 import shutil
@@ -262,20 +258,21 @@ class Trainer:
             return None
         path = None
         if self.accelerator.is_main_process:
-            modules = {**self.models.components(), **self.unwrapped()}
-            for module in self.unwrapped().values():
+            trained = self.unwrapped()
+            modules = {**self.models.components(), **trained}
+            for module in trained.values():
                 module.eval()
             pipe = build_pipeline(
                 modules["tokenizer"], modules["text_encoder"], modules["vae"], modules["unet"],
                 self.models.noise_scheduler,
             )
-            with self.accelerator.autocast(), self.method.sampling_weights(self.unwrapped()):
+            with self.accelerator.autocast(), self.method.sampling_weights(trained):
                 rows = render_images(
                     pipe, v.prompts, images_per_prompt=v.images_per_prompt, seed=v.seed,
                     steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                     resolution=self.cfg.data.resolution, negative_prompt=v.negative_prompt,
                 )
-            for module in self.unwrapped().values():
+            for module in trained.values():
                 module.train()
             path = save_grid(rows, self.output_dir / "samples" / f"step-{step:06d}.png", labels=v.prompts)
             self._log_images(rows, step)
