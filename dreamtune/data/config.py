@@ -80,6 +80,10 @@ class DataConfig(SourceOptions):
         "none", description="Encode each image with the VAE once: in memory, or on disk (reused across runs)."
     )
     cache_dir: str | None = Field(None, description="Folder for cache_latents=disk; default <first source>/.dreamtune_cache.")
+    cache_text_embeddings: bool = Field(
+        False, description="Run the frozen text encoder once per distinct caption (needs fixed captions: no tag "
+        "shuffle or tag dropout; not with a trained text encoder or textual_inversion).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -99,13 +103,40 @@ class DataConfig(SourceOptions):
                 )
         if self.cache_latents != "none" and not self.center_crop:
             raise ValueError(
-                "data.cache_latents needs data.center_crop=true: every random crop would be a new VAE pass"
+                f"data.cache_latents={self.cache_latents} needs data.center_crop=true: a random crop differs every "
+                "epoch, so there is no fixed latent to cache. Set data.center_crop=true or data.cache_latents=none"
             )
         if self.bucketing and self.streaming:
             raise ValueError("data.bucketing needs every image size up front; it cannot bucket a streamed dataset")
         if self.cache_latents != "none" and self.streaming:
-            raise ValueError("data.cache_latents cannot cache a streamed dataset; set data.streaming=false")
+            raise ValueError(
+                f"data.cache_latents={self.cache_latents} cannot cache a streamed dataset: a stream is read once and "
+                "never held, so every latent would be used once. Set data.streaming=false or data.cache_latents=none"
+            )
+        if self.cache_text_embeddings:
+            self._check_fixed_captions()
         return self
+
+    def _check_fixed_captions(self) -> None:
+        """data.cache_text_embeddings: refuse, naming the key, whatever makes a caption differ between epochs."""
+        if self.streaming:
+            raise ValueError(
+                "data.cache_text_embeddings needs every caption before training starts, but data.streaming=true reads "
+                "the dataset once and never holds it. Set data.streaming=false or data.cache_text_embeddings=false"
+            )
+        why = {"shuffle_tags": "reorders the tags every epoch", "tag_dropout": "drops different tags every epoch"}
+        for i, source in enumerate(self.source_configs()):
+            own = self.sources[i].model_fields_set if self.sources else set()
+            for key, reason in why.items():
+                value = getattr(source, key)
+                if value:
+                    name = f"data.sources[{i}].{key}" if key in own else f"data.{key}"
+                    shown = str(value).lower() if isinstance(value, bool) else value
+                    raise ValueError(
+                        f"data.cache_text_embeddings needs fixed captions, but {name}={shown} {reason}. "
+                        f"Set {name}={'false' if key == 'shuffle_tags' else 0} or data.cache_text_embeddings=false "
+                        "(caption_dropout is fine: '' is one more fixed caption)"
+                    )
 
     def source_configs(self) -> list[SourceConfig]:
         """The run's sources, each with inherited keys filled from the top level."""

@@ -1,9 +1,11 @@
-"""The torch Dataset every trainer reads: transformed pixels (or cached latents) plus the caption."""
+"""The torch Dataset every trainer reads: transformed pixels (or cached latent moments) plus the caption."""
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
+from typing import Iterable
 
 import torch
 from torch.utils.data import Dataset
@@ -65,37 +67,57 @@ class ImageCaptionDataset(Dataset):
         flip = self.cfg.random_flip and rng.random() < 0.5
         return plan_transform(size, target, self.cfg.center_crop, flip, rng)
 
-    def use_cache(self, cache: LatentCache, encoder: LatentEncoder) -> None:
-        """Encode every record (and its flip when flips are on) into ``cache``; examples then carry latents."""
+    def use_cache(self, cache: LatentCache, encoder: LatentEncoder,
+                  wanted: Iterable[tuple[int, tuple[int, int]]] | None = None) -> None:
+        """Encode each (record index, target) of ``wanted`` (default: each record at its own size), flips too;
+        examples then carry ``latent_moments`` (the latent distribution) instead of pixels."""
         flips = [False, True] if self.cfg.random_flip else [False]
         pending: dict[tuple[int, int], list[tuple[str, Record, Transform]]] = {}
-        for record, target in zip(self.records, self.targets):
+        seen: set[str] = set()
+        for index, target in wanted if wanted is not None else enumerate(self.targets):
+            record = self.records[index]
             if record.size is None:
                 record.size = record.load().size
             for flip in flips:
                 transform = plan_transform(record.size, target, True, flip, random.Random(0))
                 key = latent_key(encoder.fingerprint, record.cache_identity(), target, transform.key())
-                if key not in cache:
+                if key not in seen and key not in cache:
+                    seen.add(key)
                     pending.setdefault(target, []).append((key, record, transform))
         for items in pending.values():
             for start in range(0, len(items), encoder.batch_size):
                 chunk = items[start : start + encoder.batch_size]
                 pixels = torch.stack([to_tensor(apply_transform(r.load(), t)) for _, r, t in chunk])
                 with torch.no_grad():
-                    latents = encoder.encode(pixels)
-                for (key, _, _), latent in zip(chunk, latents):
-                    cache.put(key, latent)
+                    moments = encoder.encode(pixels)
+                for (key, _, _), moment in zip(chunk, moments):
+                    cache.put(key, moment)
         self.cache, self.fingerprint = cache, encoder.fingerprint
 
+    def distinct_captions(self) -> set[str]:
+        """Every caption an epoch can give (for data.cache_text_embeddings): fixed captions, plus '' with dropout."""
+        captions = set()
+        for record in self.records:
+            rules = record.rules or CaptionRules()
+            if rules.shuffle_tags or rules.tag_dropout:
+                raise ValueError(
+                    f"data.cache_text_embeddings needs fixed captions, but {record.origin} has tag shuffling or tag "
+                    "dropout (data.shuffle_tags / data.tag_dropout); turn those off or set cache_text_embeddings=false"
+                )
+            captions.add(render_caption(record.caption, replace(rules, caption_dropout=0.0), random.Random(0)))
+            if rules.caption_dropout:
+                captions.add("")
+        return captions
+
     def example(self, index: int, target: tuple[int, int] | None = None) -> dict:
-        """Example ``index`` at ``target`` (default: its own size): pixels or latents, and its caption."""
+        """Example ``index`` at ``target`` (default: its own size): pixels or latent moments, and its caption."""
         record = self.records[self.index_map[index]]
         target = target or self.target_of(index)
         caption = self.caption_for(index)
         if self.cache is not None:
             transform = self._plan(index, record.size, target)
             key = latent_key(self.fingerprint, record.cache_identity(), target, transform.key())
-            return {"latents": self.cache.get(key), "caption": caption}
+            return {"latent_moments": self.cache.get(key), "caption": caption}
         try:
             image = record.load()
         except BadImageError as err:
@@ -118,9 +140,14 @@ class ImageCaptionDataset(Dataset):
         return self.example(index)
 
 
+def image_key(example: dict) -> str:
+    """Which image tensor an example or batch carries: cached ``latent_moments`` or ``pixel_values``."""
+    return "latent_moments" if "latent_moments" in example else "pixel_values"
+
+
 def collate(examples: list[dict]) -> dict:
-    """Stack pixels (or latents); keep captions as strings for the trainer to tokenize."""
-    name = "latents" if "latents" in examples[0] else "pixel_values"
+    """Stack pixels (or latent moments); keep captions as strings for the trainer to tokenize."""
+    name = image_key(examples[0])
     return {
         name: torch.stack([e[name] for e in examples]).contiguous(),
         "captions": [e["caption"] for e in examples],

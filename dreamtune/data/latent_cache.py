@@ -1,4 +1,4 @@
-"""VAE latents computed once per (VAE, image, size, crop, flip), kept in memory or on disk."""
+"""VAE latent distributions computed once per (VAE, image, size, crop, flip), kept in memory or on disk."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ from typing import Any, Callable
 import torch
 
 
+#: Part of every cache key: bump it when what the cache stores changes, so old entries are never read.
+#: v2 stores the distribution (mean and std, [2, C, h, w]); v1 stored only the mean.
+CACHE_LAYOUT = "moments-v2"
+
+
 @dataclass(frozen=True)
 class LatentEncoder:
-    """How to turn pixels [B, 3, H, W] in [-1, 1] into scaled latents, and which VAE does it."""
+    """Pixels [B, 3, H, W] in [-1, 1] -> the scaled latent distribution [B, 2, C, h, w] (mean, std); which VAE."""
 
     encode: Callable[[torch.Tensor], torch.Tensor]
     fingerprint: str
@@ -35,13 +40,13 @@ def module_fingerprint(module: torch.nn.Module, config: Any = None, samples: int
 
 
 def latent_key(fingerprint: str, identity: str, target: tuple[int, int], transform_key: str) -> str:
-    """The cache key: VAE, image content, training size and the exact crop/flip."""
-    text = f"{fingerprint}|{identity}|{target[0]}x{target[1]}|{transform_key}"
+    """The cache key: layout, VAE, image content, training size and the exact crop/flip."""
+    text = f"{CACHE_LAYOUT}|{fingerprint}|{identity}|{target[0]}x{target[1]}|{transform_key}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 class LatentCache:
-    """A key -> latents store: a dict in memory, or one safetensors file per key in ``folder``."""
+    """A key -> latent moments ([2, C, h, w]: mean, std) store: a dict in memory, or one safetensors file per key."""
 
     def __init__(self, mode: str, folder: str | Path | None = None):
         if mode not in ("memory", "disk"):
@@ -60,7 +65,7 @@ class LatentCache:
         return key in self.memory if self.mode == "memory" else self._path(key).is_file()
 
     def get(self, key: str) -> torch.Tensor:
-        """The stored latents for ``key``; KeyError when absent."""
+        """The stored moments for ``key``; KeyError when absent."""
         if self.mode == "memory":
             return self.memory[key]
         from safetensors.torch import load_file
@@ -68,19 +73,19 @@ class LatentCache:
         path = self._path(key)
         if not path.is_file():
             raise KeyError(key)
-        return load_file(str(path))["latents"]
+        return load_file(str(path))["moments"]
 
-    def put(self, key: str, latents: torch.Tensor) -> None:
-        """Store ``latents`` (on the CPU; disk writes are atomic, safe with several processes)."""
-        latents = latents.detach().to("cpu", torch.float32).contiguous()
+    def put(self, key: str, moments: torch.Tensor) -> None:
+        """Store ``moments`` (on the CPU; disk writes are atomic, safe with several processes)."""
+        moments = moments.detach().to("cpu", torch.float32).contiguous()
         self.computed += 1
         if self.mode == "memory":
-            self.memory[key] = latents
+            self.memory[key] = moments
             return
         from safetensors.torch import save_file
 
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({"latents": latents}, str(tmp))
+        save_file({"moments": moments}, str(tmp))
         os.replace(tmp, path)

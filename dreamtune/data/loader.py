@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .caption_rules import count_long_captions
 from .config import DataConfig
-from .dataset import ImageCaptionDataset, build_dataset, collate
+from .dataset import ImageCaptionDataset, build_dataset, collate, image_key
 from .latent_cache import LatentCache, LatentEncoder
 from .sampler import BucketBatchSampler, ShardedShuffleSampler
 from .sources import Record
@@ -38,19 +38,24 @@ class PairedDataset(Dataset):
     def target_of(self, index: int) -> tuple[int, int]:
         return self.instance.target_of(index % len(self.instance))
 
+    def class_targets(self) -> list[tuple[int, tuple[int, int]]]:
+        """Each (class record index, size) a pairing can ask for: what the class images' latent cache holds."""
+        classes = self.classes
+        return [(classes.index_map[i % len(classes)], self.target_of(i)) for i in range(len(self))]
+
     def __getitem__(self, index: int) -> dict:
         example = dict(self.instance[index % len(self.instance)])
-        prior = self.classes.example(index % len(self.classes), target=self.target_of(index))
-        example["class_pixel_values"], example["class_caption"] = prior["pixel_values"], prior["caption"]
+        example["prior"] = self.classes.example(index % len(self.classes), target=self.target_of(index))
         return example
 
 
 def collate_paired(examples: list[dict]) -> dict:
     """Instance examples first, class examples after, in one batch (one UNet forward for both)."""
-    batch = collate(examples)
-    classes = collate([{"pixel_values": e["class_pixel_values"], "caption": e["class_caption"]} for e in examples])
+    batch = collate([{k: v for k, v in e.items() if k != "prior"} for e in examples])
+    classes = collate([e["prior"] for e in examples])
+    name = image_key(batch)
     return {
-        "pixel_values": torch.cat([batch["pixel_values"], classes["pixel_values"]]),
+        name: torch.cat([batch[name], classes[name]]),
         "captions": batch["captions"] + classes["captions"],
         "num_instance": len(examples),
     }
@@ -76,6 +81,14 @@ class TrainLoader:
             self.dataset.set_epoch(epoch, skip=skip_batches * self.batch_size)
             return
         (self.paired or self.dataset).set_epoch(epoch)
+
+    def captions(self) -> set[str]:
+        """Every caption a batch can carry, class captions included (for data.cache_text_embeddings)."""
+        if isinstance(self.dataset, StreamingImageDataset):
+            raise ValueError("data.cache_text_embeddings needs every caption up front; a streamed dataset is read "
+                             "once and never held. Set data.streaming=false or data.cache_text_embeddings=false")
+        captions = self.dataset.distinct_captions()
+        return captions | self.paired.classes.distinct_captions() if self.paired else captions
 
     def batches_per_epoch(self) -> int:
         """Batches one process sees in a full epoch (for a stream of unknown size: 0)."""
@@ -122,8 +135,8 @@ def build_train_loader(
 ) -> TrainLoader:
     """The loader for one process; ``class_records`` adds a prior-preservation example to each one.
 
-    ``latent_encoder`` (with data.cache_latents memory|disk) encodes every image once; batches then
-    carry ``latents`` instead of ``pixel_values``. ``tokenizer`` enables the long-caption warning.
+    ``latent_encoder`` (with data.cache_latents memory|disk) encodes every image, class images too, once;
+    batches then carry ``latent_moments`` instead of ``pixel_values``. ``tokenizer`` enables the long-caption warning.
     """
     dataset = dataset if dataset is not None else build_dataset(cfg, seed)
     # Its own generator: starting an epoch must not draw from the global RNG, or a resumed
@@ -135,15 +148,16 @@ def build_train_loader(
         return TrainLoader(dataset=dataset, sampler=None, dataloader=dataloader, batch_size=batch_size)
     if tokenizer is not None:
         warn_long_captions(dataset, tokenizer)
+    cache = None
     if cfg.cache_latents != "none" and latent_encoder is not None:
-        if class_records:
-            raise ValueError("data.cache_latents does not cover prior-preservation class images yet; "
-                             "set data.cache_latents=none for this run")
-        dataset.use_cache(LatentCache(cfg.cache_latents, default_cache_dir(cfg)), latent_encoder)
+        cache = LatentCache(cfg.cache_latents, default_cache_dir(cfg))
+        dataset.use_cache(cache, latent_encoder)
     paired = None
     if class_records:
         classes = ImageCaptionDataset(class_records, cfg.model_copy(update={"repeats": 1}), seed + 1)
         paired = PairedDataset(dataset, classes)
+        if cache is not None:  # class images get their own entries, at each size an instance pairs them with
+            classes.use_cache(cache, latent_encoder, paired.class_targets())
     source = paired or dataset
     workers = dict(num_workers=cfg.num_workers, persistent_workers=False, generator=generator,
                    collate_fn=collate_paired if paired else collate)

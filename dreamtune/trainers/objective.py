@@ -20,9 +20,15 @@ def _stack(draws: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.stack(draws).to(device=like.device, dtype=like.dtype)
 
 
-def sample_latents(latent_dist, generators: list[torch.Generator]) -> torch.Tensor:
-    """Draw from the VAE's diagonal Gaussian with the per-sample generators."""
-    mean, std = latent_dist.mean, latent_dist.std
+def latent_moments(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's scaled latent distribution [B, 2, C, h, w] (mean, std): what the latent cache stores."""
+    dist, scale = vae.encode(pixels).latent_dist, vae.config.scaling_factor
+    return torch.stack([dist.mean * scale, dist.std * scale], dim=1)
+
+
+def sample_latents(moments: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Draw from the latent Gaussian ``moments`` with the per-sample generators (cached or not: same draw)."""
+    mean, std = moments.unbind(1)
     eps = [torch.randn(mean.shape[1:], generator=g) for g in generators]
     return mean + std * _stack(eps, mean)
 
