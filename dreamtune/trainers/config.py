@@ -71,6 +71,9 @@ class ValidationConfig(Section):
     negative_prompt: str | None = None
     images_per_prompt: int = Field(2, ge=1)
     seed: int = 0
+    compare_with_base: bool = Field(
+        False, description="Also render the prompts before training (step 0) and write samples/base-vs-trained.png.",
+    )
 
 
 class LoggingConfig(Section):
@@ -224,7 +227,26 @@ class RunConfig(Section):
                 "export.blend_alpha blends a full fine-tune with its base and applies to trainer: dreambooth; "
                 "for a LoRA, lower its strength at load time instead (e.g. <lora:name:0.7>)"
             )
+        self._check_text_cache()
         return self
+
+    def _check_text_cache(self) -> None:
+        """data.cache_text_embeddings needs a text encoder that never changes; name the key that trains it."""
+        if not self.data.cache_text_embeddings:
+            return
+        if self.trainer == "textual_inversion":
+            raise ValueError(
+                "data.cache_text_embeddings cannot be used with trainer: textual_inversion: it learns new rows of "
+                "the text encoder's embedding table, so the text encoder's outputs change every step. "
+                "Set data.cache_text_embeddings=false"
+            )
+        section = {"lora": self.lora, "dreambooth": self.dreambooth}.get(self.trainer)
+        if section is not None and section.train_text_encoder:
+            raise ValueError(
+                f"data.cache_text_embeddings needs a frozen text encoder, but {self.trainer}.train_text_encoder=true "
+                f"trains it, so its outputs change every step. Set {self.trainer}.train_text_encoder=false or "
+                "data.cache_text_embeddings=false"
+            )
 
     def _textual_inversion_defaults(self) -> None:
         """Fill what a TI run left unset: the section, TI's lr and steps, a caption holding the new word."""

@@ -18,6 +18,7 @@ from .method import TrainingMethod
 from .model_card import write_model_card
 from .models import load_base_model
 from .objective import (
+    latent_moments,
     min_snr_weights,
     per_sample_mse,
     prediction_target,
@@ -35,6 +36,46 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; nothing is exported from a diverged run."""
+
+
+def _diverged(what: str, step: int, checkpoints_dir: Path) -> str:
+    return (
+        f"{what} at step {step}; nothing was exported. The last good checkpoint is kept in {checkpoints_dir}. "
+        "Try a lower train.learning_rate, train.mixed_precision=bf16 or no, or an fp32 VAE."
+    )
+
+
+class _Eta:
+    """Time left: the remaining steps at the measured step pace, plus the validations still to come at theirs."""
+
+    def __init__(self, max_steps: int, validation_every: int, clock=time.perf_counter):
+        self.max_steps, self.every, self.clock = max_steps, validation_every, clock
+        self.step_s = self.validation_s = 0.0
+        self.steps = self.validations = 0
+        self._mark, self._validating = clock(), 0.0
+
+    def stepped(self) -> None:
+        now = self.clock()
+        self.step_s += now - self._mark - self._validating
+        self.steps, self._mark, self._validating = self.steps + 1, now, 0.0
+
+    def validated(self, seconds: float) -> None:
+        self.validation_s += seconds
+        self.validations += 1
+        self._validating += seconds
+
+    def remaining(self, step: int) -> float:
+        left = (self.max_steps - step) * self.step_s / max(self.steps, 1)
+        if self.every and self.validations:  # timed once one has run
+            # From this step on every N steps before the last, then once at the end.
+            to_come = (self.max_steps - 1) // self.every - (step - 1) // self.every
+            left += (max(to_come, 0) + 1) * self.validation_s / self.validations
+        return left
+
+    def text(self, step: int) -> str:
+        from tqdm import tqdm
+
+        return tqdm.format_interval(self.remaining(step))
 
 
 @dataclass
@@ -73,6 +114,26 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def refuse_impossible_launch(cfg: RunConfig) -> None:
+    """Refuse, before data or models load, what cannot run under the way accelerate launched us."""
+    # `accelerate launch` with a DeepSpeed config sets this; Accelerator() reads the same variable.
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    if cfg.train.optimizer == "adamw8bit":
+        raise ValueError(
+            "train.optimizer=adamw8bit cannot run under DeepSpeed: DeepSpeed owns the optimizer and its "
+            "ZeRO partitioning does not support bitsandbytes' 8-bit state. Use train.optimizer=adamw "
+            "(ZeRO-2 already shards the optimizer state) or launch without DeepSpeed."
+        )
+    section = getattr(cfg, cfg.trainer, None)
+    if getattr(section, "train_text_encoder", False):
+        raise ValueError(
+            f"{cfg.trainer}.train_text_encoder=true cannot run under DeepSpeed: accelerate hands DeepSpeed one "
+            f"model per run, and this trains two (UNet and text encoder). Set {cfg.trainer}.train_text_encoder=false, "
+            "or launch without DeepSpeed (e.g. --config_file configs/accelerate/multi_gpu.yaml)."
+        )
+
+
 def _make_accelerator(cfg: RunConfig, output_dir: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -95,12 +156,6 @@ def _make_accelerator(cfg: RunConfig, output_dir: Path):
         )
     except ValueError as err:
         raise ValueError(f"train.mixed_precision={cfg.train.mixed_precision!r}: {err}") from err
-    if accelerator.state.deepspeed_plugin is not None and cfg.train.optimizer == "adamw8bit":
-        raise ValueError(
-            "train.optimizer=adamw8bit cannot run under DeepSpeed: DeepSpeed owns the optimizer and its "
-            "ZeRO partitioning does not support bitsandbytes' 8-bit state. Use train.optimizer=adamw "
-            "(ZeRO-2 already shards the optimizer state) or launch without DeepSpeed."
-        )
     if accelerator.device.type == "cpu" and cfg.train.mixed_precision == "fp16":
         raise ValueError(
             "train.mixed_precision=fp16 needs a GPU: PyTorch has no fp16 autocast for training on the CPU. "
@@ -126,7 +181,9 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = Path(cfg.output.dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
+        refuse_impossible_launch(cfg)
         self.method: TrainingMethod = create_method(cfg)
+        self.text_cache = None  # data.cache_text_embeddings, filled in _setup
 
     # -- setup --------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -181,8 +238,11 @@ class Trainer:
             latent_encoder=self._latent_encoder(),
             tokenizer=self.models.tokenizer,
         )
+        self.text_cache = self._text_cache()
         if cfg.data.cache_latents != "none" and not cfg.validation.prompts:
             self.models.vae.to("cpu")  # every latent is cached; only validation would need it again
+        if self.text_cache is not None and not cfg.validation.prompts:
+            self.models.text_encoder.to("cpu")  # likewise every caption's embedding
         names = list(trained)
         prepared = acc.prepare(*[trained[n] for n in names], optimizer, lr_scheduler)
         self.trained = dict(zip(names, prepared[: len(names)]))
@@ -193,7 +253,7 @@ class Trainer:
             acc.register_for_checkpointing(extra)
 
     def _latent_encoder(self):
-        """The VAE as data.cache_latents' encoder (its mean latent, scaled), or None when not caching."""
+        """The VAE as data.cache_latents' encoder (its scaled latent mean and std), or None when not caching."""
         if self.cfg.data.cache_latents == "none":
             return None
         from ..data.latent_cache import LatentEncoder, module_fingerprint
@@ -201,9 +261,29 @@ class Trainer:
         vae, device = self.models.vae, self.accelerator.device
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
-            return vae.encode(pixels.to(device, dtype=vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+            return latent_moments(vae, pixels.to(device, dtype=vae.dtype))
 
         return LatentEncoder(encode, module_fingerprint(vae, {**vae.config, "dtype": str(vae.dtype)}))
+
+    def _text_cache(self):
+        """data.cache_text_embeddings: each distinct caption through the frozen text encoder once, or None."""
+        if not self.cfg.data.cache_text_embeddings:
+            return None
+        from ..data.text_cache import TextEmbeddingCache
+
+        m = self.models
+
+        def encode(captions: list[str]) -> torch.Tensor:
+            return self.method.encode_text(m.text_encoder, self._input_ids(captions))
+
+        return TextEmbeddingCache(encode, self.method.captions(sorted(self.loader.captions())))
+
+    def _input_ids(self, captions: list[str]) -> torch.Tensor:
+        """Token ids padded to the text encoder's length, on the device."""
+        tokenizer = self.models.tokenizer
+        return tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt",
+        ).input_ids.to(self.accelerator.device)
 
     def _register_checkpoint_hooks(self) -> None:
         """accelerate saves optimizer/scheduler/RNG; we save only the trainable tensors ourselves."""
@@ -220,9 +300,15 @@ class Trainer:
     def unwrapped(self) -> dict[str, torch.nn.Module]:
         return {n: self.accelerator.unwrap_model(m) for n, m in self.trained.items()}
 
+    def _check_finite_weights(self, step: int) -> None:
+        """A finite loss can still end in an inf update: never checkpoint or export NaN/inf weights."""
+        if not torch.stack([torch.isfinite(p).all() for p in self.params]).all():
+            raise TrainingDiverged(_diverged("the trained weights became NaN/inf", step, self.checkpoints_dir))
+
     # -- state ----------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, epoch: int, batches_in_epoch: int) -> Path | None:
         """Write checkpoints/step-N via a .tmp folder renamed at the end, so a kill never leaves a torn one."""
+        self._check_finite_weights(step)
         acc = self.accelerator
         final = self.checkpoints_dir / ckpt.checkpoint_name(step)
         tmp = final.with_name(final.name + ".tmp")
@@ -232,6 +318,7 @@ class Trainer:
             ckpt.check_free_disk(tmp, int(sum(p.numel() * 4 for p in self.params) * 3.2) + (1 << 20))
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
         if acc.is_main_process:
             tensors = {n: self.method.trainable_state_dict(n, m) for n, m in self.unwrapped().items()}
             ckpt.save_trainable(tensors, tmp)
@@ -279,6 +366,17 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
+    def _compare_with_base(self, final_grid: Path) -> list[Path]:
+        """samples/base-vs-trained.png from the step-0 grid and the final one (main process)."""
+        base_grid = self.output_dir / "samples" / f"step-{0:06d}.png"
+        if not (self.cfg.validation.compare_with_base and self.accelerator.is_main_process and base_grid.is_file()):
+            return []
+        from .sampling import side_by_side
+
+        step = final_grid.stem.split("-")[-1].lstrip("0") or "0"
+        return [side_by_side(base_grid, final_grid, self.output_dir / "samples" / "base-vs-trained.png",
+                             ("base", f"trained ({step} steps)"))]
+
     def _log_images(self, rows, step: int) -> None:
         import numpy as np
 
@@ -292,10 +390,21 @@ class Trainer:
                 tracker.log({"validation": [wandb.Image(img) for img in images]}, step=step)
 
     # -- the loop -------------------------------------------------------------------------------
-    def _positions(self, batch_len: int) -> list[int]:
-        """Each local sample's place in the global micro-batch (the sampler deals indices round-robin)."""
-        acc = self.accelerator
-        return [i * acc.num_processes + acc.process_index for i in range(batch_len)]
+    def _positions(self, batch_len: int, num_instance: int | None, accumulated: int) -> list[int]:
+        """Each local sample's place in its optimizer step's global batch, however processes and micro-batches split it.
+
+        The sampler deals indices round-robin over processes; prior-preservation class samples (after the
+        ``num_instance`` instance samples) are placed after the step's every instance sample.
+        """
+        acc, batch_size = self.accelerator, self.cfg.train.batch_size
+        procs, rank = acc.num_processes, acc.process_index
+        instances = batch_len if num_instance is None else num_instance
+        step_total = batch_size * procs * self.cfg.train.gradient_accumulation
+
+        def place(i: int) -> int:
+            return (accumulated * batch_size + i) * procs + rank
+
+        return [place(i) for i in range(instances)] + [step_total + place(j) for j in range(batch_len - instances)]
 
     def _train_step(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict]:
         """One forward/backward on a micro-batch; returns the loss and scalars to log."""
@@ -303,21 +412,25 @@ class Trainer:
         unet = self.trained.get("unet", m.unet)
         text_encoder = self.trained.get("text_encoder", m.text_encoder)
         captions = self.method.captions(batch["captions"])
-        input_ids = m.tokenizer(
-            captions, padding="max_length", max_length=m.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids.to(acc.device)
-        generators = sample_generators(self.cfg.train.seed, micro_step, self._positions(len(captions)))
-        if "latents" in batch:  # data.cache_latents: already encoded and scaled
-            latents = batch["latents"].to(acc.device, dtype=self.weight_dtype)
+        # Keyed by (step, place in the step's global batch): N processes or N accumulated micro-batches draw
+        # what one batch N times larger draws.
+        step, accumulated = divmod(micro_step, self.cfg.train.gradient_accumulation)
+        positions = self._positions(len(captions), batch.get("num_instance"), accumulated)
+        generators = sample_generators(self.cfg.train.seed, step, positions)
+        if "latent_moments" in batch:  # data.cache_latents: the VAE ran once, before training
+            moments = batch["latent_moments"].to(acc.device, dtype=self.weight_dtype)
         else:
             pixels = batch["pixel_values"].to(acc.device, dtype=self.weight_dtype)
             with torch.no_grad():
-                latents = sample_latents(m.vae.encode(pixels).latent_dist, generators) * m.vae.config.scaling_factor
+                moments = latent_moments(m.vae, pixels)
+        latents = sample_latents(moments, generators)
         noise = sample_noise(latents, self.cfg.train.noise_offset, generators)
         timesteps = sample_timesteps(m.noise_scheduler, generators, latents.device)
         noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = self.method.encode_text(text_encoder, input_ids)
+        if self.text_cache is not None:  # data.cache_text_embeddings: the text encoder ran once, before training
+            hidden = self.text_cache.lookup(captions).to(acc.device)
+        else:
+            hidden = self.method.encode_text(text_encoder, self._input_ids(captions))
         pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
         target = prediction_target(m.noise_scheduler, latents, noise, timesteps)
         losses = per_sample_mse(pred, target)
@@ -331,13 +444,15 @@ class Trainer:
         self._setup()
         cfg, acc = self.cfg, self.accelerator
         result = RunResult(output_dir=self.output_dir, global_step=0)
-        steps_per_epoch = max(1, self.loader.batches_per_epoch() // cfg.train.gradient_accumulation)
+        steps_per_epoch = self.loader.batches_per_epoch() / cfg.train.gradient_accumulation  # 0: a stream
         global_step, epoch, skip_batches, accumulated = 0, 0, 0, 0
         resume_from = ckpt.resolve_resume(cfg.train.resume, self.checkpoints_dir)
         if resume_from is not None:
             state = self.load_checkpoint(resume_from)
             global_step, epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
             acc.print(f"resumed from {resume_from} at step {global_step}")
+        elif cfg.validation.compare_with_base:
+            self.validate(0)  # the untouched base, for samples/base-vs-trained.png
         if acc.is_main_process:
             acc.init_trackers(
                 cfg.logging.project,
@@ -351,10 +466,15 @@ class Trainer:
         progress = tqdm(
             total=cfg.train.max_steps, initial=global_step, desc="training",
             disable=not acc.is_local_main_process, dynamic_ncols=True,
+            # Our ETA (in the postfix) counts the validations still to come; tqdm's would not.
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
         )
+        eta = _Eta(cfg.train.max_steps, cfg.validation.every if cfg.validation.prompts else 0)
         started, first_step = time.perf_counter(), global_step
+        micro_scalars: list[dict] = []
+        stopping = False
         with _StopFlag() as stop:
-            while global_step < cfg.train.max_steps and not stop.requested:
+            while global_step < cfg.train.max_steps and not stopping:
                 self.loader.set_epoch(epoch, skip_batches)
                 batches_in_epoch = skip_batches
                 skip_batches = 0
@@ -363,11 +483,8 @@ class Trainer:
                     with acc.accumulate(*self.trained.values()):
                         loss, scalars = self._train_step(batch, micro_step)
                         if not torch.isfinite(loss):
-                            raise TrainingDiverged(
-                                f"loss became {loss.item()} at step {global_step + 1}; nothing was exported. "
-                                f"The last good checkpoint is kept in {self.checkpoints_dir}. Try a lower "
-                                "train.learning_rate, train.mixed_precision=bf16 or no, or an fp32 VAE."
-                            )
+                            raise TrainingDiverged(_diverged(f"loss became {loss.item()}", global_step + 1,
+                                                             self.checkpoints_dir))
                         acc.backward(loss)
                         if acc.sync_gradients and cfg.train.max_grad_norm > 0:
                             grad_norm = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
@@ -377,14 +494,19 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                     batches_in_epoch += 1
                     accumulated += 1
+                    micro_scalars.append(scalars)
                     if not acc.sync_gradients:
                         continue
                     accumulated = 0
+                    scalars, stopping = self._step_scalars(micro_scalars, stop.requested)
+                    micro_scalars = []
                     self.method.after_step(global_step + 1)
                     global_step += 1
                     result.last_loss = scalars["loss"]
+                    eta.stepped()
                     progress.update(1)
-                    progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                    progress.set_postfix(eta=eta.text(global_step), loss=f"{scalars['loss']:.4f}",
+                                         lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
                     if global_step % cfg.logging.every == 0 or global_step == cfg.train.max_steps:
                         rate = (global_step - first_step) / max(time.perf_counter() - started, 1e-9)
                         acc.log({**scalars, **self._run_scalars(rate)}, step=global_step)
@@ -392,15 +514,17 @@ class Trainer:
                     if cfg.train.save_every and global_step % cfg.train.save_every == 0 and not done:
                         result.checkpoints.append(self.save_checkpoint(global_step, epoch, batches_in_epoch))
                     if cfg.validation.every and global_step % cfg.validation.every == 0 and not done:
+                        began = time.perf_counter()
                         if path := self.validate(global_step):
                             result.samples.append(path)
-                    if done or stop.requested:
+                        eta.validated(time.perf_counter() - began)
+                    if done or stopping:
                         break
                 else:
                     epoch += 1
         progress.close()
         result.global_step = global_step
-        if stop.requested and global_step < cfg.train.max_steps:
+        if stopping and global_step < cfg.train.max_steps:
             result.checkpoints.append(self.save_checkpoint(global_step, epoch, batches_in_epoch))
             result.interrupted = True
             acc.print(
@@ -411,12 +535,14 @@ class Trainer:
             return result
         if path := self.validate(global_step):
             result.samples.append(path)
+            result.samples += self._compare_with_base(path)
         result.exported = self._export(global_step)
         acc.end_training()
         return result
 
     def _export(self, step: int) -> list[Path]:
         """The method's files into final/, plus the model card; main process only."""
+        self._check_finite_weights(step)
         acc = self.accelerator
         acc.wait_for_everyone()
         exported: list[Path] = []
@@ -427,6 +553,18 @@ class Trainer:
             write_model_card(self.output_dir / "README.md", self.cfg, self.method, exported, step)
         acc.wait_for_everyone()
         return exported
+
+    def _step_scalars(self, micro: list[dict], stop_requested: bool) -> tuple[dict[str, float], bool]:
+        """One step's scalars, averaged over its micro-batches and all processes; and whether any process must stop."""
+        keys = [k for k in micro[0] if k != "grad_norm"]  # the grad norm is already global and per step
+        local = [sum(m[k] for m in micro) / len(micro) for k in keys] + [float(stop_requested)]
+        acc = self.accelerator
+        reduced = acc.reduce(torch.tensor(local, device=acc.device), reduction="mean").tolist()
+        scalars = dict(zip(keys, reduced))
+        if "grad_norm" in micro[-1]:
+            scalars["grad_norm"] = micro[-1]["grad_norm"]
+        # Every process stops at the same step, or the others would wait forever in the next all-reduce.
+        return scalars, reduced[-1] > 0
 
     def _run_scalars(self, steps_per_s: float) -> dict[str, float]:
         """Learning rate per parameter group, throughput and peak memory, for the trackers."""
@@ -442,17 +580,18 @@ class Trainer:
             scalars["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return scalars
 
-    def _print_summary(self, steps_per_epoch: int) -> None:
+    def _print_summary(self, steps_per_epoch: float) -> None:
         cfg, acc = self.cfg, self.accelerator
         trainable = sum(p.numel() for p in self.params)
         total = sum(p.numel() for m in self.models.components().values() if isinstance(m, torch.nn.Module)
                     for p in m.parameters())
         effective = cfg.train.batch_size * cfg.train.gradient_accumulation * acc.num_processes
+        epochs = f"~{math.ceil(cfg.train.max_steps / steps_per_epoch)}" if steps_per_epoch else "unknown"
         print(
             f"dreamtune: {cfg.trainer} on {cfg.model.pretrained}\n"
             f"  trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)\n"
             f"  {len(self.dataset)} examples per epoch from {len(self.dataset.records)} images (with repeats), "
-            f"{cfg.train.max_steps} steps, ~{math.ceil(cfg.train.max_steps / steps_per_epoch)} epochs\n"
+            f"{cfg.train.max_steps} steps, {epochs} epochs\n"
             f"  effective batch {effective} (batch {cfg.train.batch_size} x accumulation "
             f"{cfg.train.gradient_accumulation} x {acc.num_processes} processes), precision "
             f"{cfg.train.mixed_precision}, device {acc.device}\n"

@@ -88,3 +88,17 @@ def save_grid(rows: list[list[Image.Image]], path: Path, labels: list[str] | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(rows, labels).save(path)
     return path
+
+
+def side_by_side(left: Path, right: Path, path: Path, titles: tuple[str, str]) -> Path:
+    """Two grids next to each other under a title each: base vs trained at a glance."""
+    a, b = Image.open(left).convert("RGB"), Image.open(right).convert("RGB")
+    title_h, gap = 14, 6
+    out = Image.new("RGB", (a.width + gap + b.width, title_h + max(a.height, b.height)), "white")
+    draw = ImageDraw.Draw(out)
+    for x, image, title in ((0, a, titles[0]), (a.width + gap, b, titles[1])):
+        draw.text((x + 2, 1), title, fill="black")
+        out.paste(image, (x, title_h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)
+    return path

@@ -144,11 +144,12 @@ class TextualInversionMethod(TrainingMethod):
         """Template captions (or the data's, with the word ensured), with the word expanded to its vectors."""
         s = self.settings
         if s.use_templates:
-            # Keyed like the loop's noise: (seed, micro-batch, place in the global batch), so N processes
-            # draw what one process with an N times larger batch draws.
-            places = [k * self._world + self._rank for k in range(len(captions))]
-            picks = [pick_template(s.learnable_property, seed=self.cfg.train.seed, epoch=self._batches, index=i)
-                     for i in places]
+            # Keyed like the loop's noise: (seed, step, place in the step's global batch), so N processes or
+            # N accumulated micro-batches draw what one batch N times larger draws.
+            t = self.cfg.train
+            step, accumulated = divmod(self._batches, t.gradient_accumulation)
+            places = [(accumulated * t.batch_size + k) * self._world + self._rank for k in range(len(captions))]
+            picks = [pick_template(s.learnable_property, seed=t.seed, epoch=step, index=i) for i in places]
             texts = [template.format(self.placeholder) for template in picks]
         else:
             texts = [ensure_token(c, self.placeholder) for c in captions]
