@@ -315,3 +315,15 @@ def test_checkpoint_refused_when_disk_is_full(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 1024))
     with pytest.raises(ckpt.InsufficientDiskError, match=r"needs about 2\.0 MiB, 0\.0 MiB free"):
         ckpt.check_free_disk(tmp_path, 2 << 20)
+
+
+def test_sample_streams_never_collide_across_steps_or_large_batches():
+    """Step 0's sample 4096 and step 1's sample 0 (the old arithmetic seeds collided there) draw apart."""
+    from dreamtune.trainers.objective import sample_generators
+
+    first = sample_generators(7, 0, [4096, 0])
+    second = sample_generators(7, 1, [0])
+    again = sample_generators(7, 0, [4096])
+    draw = [torch.randn(4, generator=g) for g in (*first, *second, *again)]
+    assert not torch.equal(draw[0], draw[2]) and not torch.equal(draw[0], draw[1])
+    assert torch.equal(draw[0], draw[3])  # same (seed, step, place): same stream

@@ -7,13 +7,20 @@ resumed run draws exactly what a straight run would.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 
 
 def sample_generators(seed: int, micro_step: int, positions: list[int]) -> list[torch.Generator]:
-    """One CPU generator per sample, seeded from (run seed, micro-batch counter, global position)."""
-    return [torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 4096 + p) for p in positions]
+    """One CPU generator per sample, seeded from a hash of (run seed, step counter, place in the batch).
+
+    A hash, not arithmetic, so no batch size, process count or seed makes two samples share a stream.
+    """
+    return [torch.Generator().manual_seed(int.from_bytes(
+        hashlib.blake2b(f"{seed}:{micro_step}:{p}".encode(), digest_size=8).digest(), "little"))
+        for p in positions]
 
 
 def _stack(draws: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
