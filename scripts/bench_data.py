@@ -78,7 +78,7 @@ def bench_training(folder: Path, model_dir: Path, out: Path, cache: str, text_ca
     from dreamtune.trainers.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(repo / "configs" / "quickstart_lora.yaml", [
+    cfg = load_config(repo / "configs" / "tiny_lora.yaml", [
         f"model.pretrained={model_dir}", f"output.dir={out}", f"data.instance_dir={folder}",
         "data.resolution=64", f"data.num_workers={workers}", f"data.cache_latents={cache}",
         f"data.cache_dir={out / 'cache'}", f"data.cache_text_embeddings={str(text_cache).lower()}",

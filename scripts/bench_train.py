@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"lora": "quickstart_lora.yaml", "dreambooth": "tiny_dreambooth.yaml", "textual_inversion": "tiny_ti.yaml"}
+CONFIGS = {"lora": "tiny_lora.yaml", "dreambooth": "tiny_dreambooth.yaml", "textual_inversion": "tiny_ti.yaml"}
 
 
 def child(trainer: str, model: str, out: str, steps: int) -> None:

@@ -1,4 +1,4 @@
-"""Regenerate examples/sks_toy/: the procedural concept the quickstart teaches."""
+"""Regenerate examples/sks_toy/: the procedural concept the tests train on."""
 
 import argparse
 

@@ -207,7 +207,7 @@ def run_lora(model_dir: Path, out: Path, *overrides: str) -> Trainer:
     """A 3-step LoRA run; ``trainer.initial`` holds the adapters before training and ``trainer.calls`` counts
     the VAE encodes and text-encoder forwards during the training steps."""
     cfg = tiny_run_config(
-        "quickstart_lora.yaml", model_dir, out, "train.max_steps=3", "train.learning_rate=5.0e-3",
+        "tiny_lora.yaml", model_dir, out, "train.max_steps=3", "train.learning_rate=5.0e-3",
         "train.lr_warmup_steps=0", "train.save_every=0", "validation.every=0", "validation.prompts=[]",
         *overrides,
     )

@@ -360,4 +360,4 @@ def test_blend_alpha_is_refused_for_lora(tmp_path):
     from dreamtune.trainers.config import ConfigError
 
     with pytest.raises(ConfigError, match="export.blend_alpha .* applies to trainer: dreambooth"):
-        load_config(REPO_ROOT / "configs" / "quickstart_lora.yaml", ["export.blend_alpha=0.7"])
+        load_config(REPO_ROOT / "configs" / "tiny_lora.yaml", ["export.blend_alpha=0.7"])

@@ -16,7 +16,7 @@ from .conftest import render_32, tiny_run_config
 
 def lora_config(model_dir: Path, out: Path, *overrides: str):
     return tiny_run_config(
-        "quickstart_lora.yaml",
+        "tiny_lora.yaml",
         model_dir,
         out,
         "train.max_steps=4",

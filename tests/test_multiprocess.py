@@ -48,7 +48,7 @@ def ti_moved(final: Path, model_dir: Path) -> float:
 
 # trainer -> (recipe, overrides for both runs, how far training moved the exported weights)
 CASES = {
-    "lora": ("quickstart_lora.yaml", ["lora.train_text_encoder=true", "train.gradient_accumulation=2",
+    "lora": ("tiny_lora.yaml", ["lora.train_text_encoder=true", "train.gradient_accumulation=2",
                                       "train.lr_warmup_steps=0"], lora_moved),
     "dreambooth": (
         "tiny_dreambooth.yaml",
@@ -180,7 +180,7 @@ def test_a_stop_on_one_process_stops_both_at_the_same_step_and_resumes(tiny_mode
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SIGTERM_RANK_1)
-    config = REPO_ROOT / "configs" / "quickstart_lora.yaml"
+    config = REPO_ROOT / "configs" / "tiny_lora.yaml"
     out = tmp_path / "out"
     common = [
         f"model.pretrained={tiny_model_dir}", f"data.instance_dir={REPO_ROOT / 'examples' / 'sks_toy'}",

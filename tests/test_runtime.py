@@ -20,7 +20,7 @@ from .conftest import REPO_ROOT, tiny_run_config
 
 def config(model_dir: Path, out: Path, *overrides: str):
     return tiny_run_config(
-        "quickstart_lora.yaml",
+        "tiny_lora.yaml",
         model_dir,
         out,
         "train.learning_rate=1.0e-2",

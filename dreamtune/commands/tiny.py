@@ -1,4 +1,4 @@
-"""`dreamtune make-tiny-model`: the tiny random SD 1.x model used by tests and the quickstart."""
+"""`dreamtune make-tiny-model`: the tiny random SD 1.x model used by the tests."""
 
 from __future__ import annotations
 

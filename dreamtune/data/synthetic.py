@@ -1,4 +1,4 @@
-"""Procedural example images: a small, seedable concept the quickstart and tests can learn."""
+"""Procedural example images: a small, seedable concept the tests train on."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Build a tiny Stable Diffusion 1.x-architecture pipeline with random weights.
 
 It is the embedded default: same classes, same key layout and same tokenizer kind (CLIP BPE)
-as SD 1.5, only narrow, so tests and the quickstart run offline on a CPU in seconds.
+as SD 1.5, only narrow, so tests run offline on a CPU in seconds (the quickstart uses the toy-world model).
 """
 
 from __future__ import annotations

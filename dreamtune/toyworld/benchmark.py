@@ -1,0 +1,263 @@
+"""`dreamtune evaluate --benchmark toyworld`: does each trainer teach the toy-world model a new shape?
+
+Every trainer learns the star (a shape the base never saw) under the rare word "sks" from four
+rendered images, with its shipped toy-world recipe. The exported files are loaded through
+diffusers and their samples scored by the toy-world classifier: concept fidelity, prompt
+fidelity, drift on the base's own prompts, training time and file size.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from . import world
+from .generate import generate, score
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOYWORLD_DIR = REPO_ROOT / "examples" / "toyworld"
+MODEL_DIR = TOYWORLD_DIR / "model"
+CLASSIFIER_DIR = TOYWORLD_DIR / "classifier"
+
+TOKEN = "sks"
+TI_TOKEN = "<sks>"
+CONCEPT = "star"
+#: The four training images: blue and "top left" are left out so the modifier prompts test transfer.
+CONCEPT_SCENES = (
+    world.Scene(CONCEPT, "red", "large", "center", "white"),
+    world.Scene(CONCEPT, "green", "large", "top right", "white"),
+    world.Scene(CONCEPT, "yellow", "large", "bottom left", "gray"),
+    world.Scene(CONCEPT, "purple", "large", "bottom right", "black"),
+)
+MODIFIER_PROMPTS = (("a photo of {t} in blue", {"color": "blue"}), ("a photo of {t}, top left", {"position": "top left"}))
+CONCEPT_PROMPT = "a photo of {t}"
+
+#: Shipped recipe and export loader per benchmark entry.
+ENTRIES = {
+    "lora": {"config": "quickstart_lora.yaml", "overrides": []},
+    "dreambooth": {"config": "toyworld_dreambooth.yaml", "overrides": ["dreambooth.prior_preservation=false"]},
+    "dreambooth_prior": {"config": "toyworld_dreambooth.yaml", "overrides": ["dreambooth.prior_preservation=true"]},
+    "textual_inversion": {"config": "toyworld_ti.yaml", "overrides": []},
+}
+#: Targets from the issue: minimum concept fidelity, prompt fidelity, base-prompt accuracy.
+TARGETS = {
+    "lora": {"concept": 0.8, "prompt": 0.6},
+    "dreambooth": {"concept": 0.8, "prompt": 0.6},
+    "dreambooth_prior": {"concept": 0.8, "prompt": 0.6, "base_accuracy": 0.9},
+    "textual_inversion": {"concept": 0.5},
+}
+GENERATION = {"steps": 30, "guidance": 3.0}
+
+
+def write_concept_folder(folder: Path) -> Path:
+    """The four concept images with full sidecar captions naming the shape ``{token}`` (filled by data.token)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for i, scene in enumerate(CONCEPT_SCENES):
+        world.render(scene, jitter=rng).save(folder / f"star_{i}.png")
+        (folder / f"star_{i}.txt").write_text(world.full_caption(scene, "{token}") + "\n")
+    return folder
+
+
+def base_prompt_cases(count: int) -> list[tuple[str, dict[str, str]]]:
+    """``count`` prompts over every base shape-colour pair, cycling in a fixed order."""
+    pairs = [(s, c) for s in world.BASE_SHAPES for c in world.COLORS]
+    return [(f"a {c} {s}", {"shape": s, "color": c}) for s, c in (pairs[i % len(pairs)] for i in range(count))]
+
+
+def write_class_images(pipe, folder: Path, count: int, seed: int) -> Path:
+    """Prior-preservation images: the base model's own samples of its own prompts, with captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    prompts = [world.caption(world.random_scene(rng), rng) for _ in range(count)]
+    for i, (prompt, image) in enumerate(zip(prompts, generate(pipe, prompts, seed, **GENERATION))):
+        (folder / f"class-{i:05d}.txt").write_text(prompt + "\n")
+        image.save(folder / f"class-{i:05d}.png")
+    return folder
+
+
+def load_base(model_dir: Path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False, use_safetensors=True)
+
+
+def load_export(entry: str, model_dir: Path, final: Path):
+    """The trained pipeline, built from the exported files only (as a user would load them)."""
+    from diffusers import StableDiffusionPipeline
+
+    if entry.startswith("dreambooth"):
+        return StableDiffusionPipeline.from_pretrained(
+            final / "diffusers", safety_checker=None, requires_safety_checker=False, use_safetensors=True)
+    pipe = load_base(model_dir)
+    if entry == "lora":
+        pipe.load_lora_weights(str(final), weight_name="pytorch_lora_weights.safetensors")
+    else:
+        pipe.load_textual_inversion(str(final / "learned_embeds.safetensors"))
+    return pipe
+
+
+def evaluate_pipeline(pipe, judge, token: str, samples: int, seed: int) -> dict:
+    """Concept fidelity, prompt fidelity per modifier, and accuracy on the base's prompts."""
+    cases = [(CONCEPT_PROMPT.format(t=token), {"shape": CONCEPT})] * samples
+    for template, expected in MODIFIER_PROMPTS:
+        cases += [(template.format(t=token), {**expected, "_concept": CONCEPT})] * samples
+    cases += base_prompt_cases(samples)
+    images = generate(pipe, [p for p, _ in cases], seed, **GENERATION)
+    predictions = judge.predict(images)
+    concept = score(predictions[:samples], [e for _, e in cases[:samples]])["both"]
+    modifiers, start = {}, samples
+    for template, expected in MODIFIER_PROMPTS:
+        block = slice(start, start + samples)
+        plain = [{k: v for k, v in e.items() if k != "_concept"} for _, e in cases[block]]
+        modifiers[template.format(t=token)] = {
+            "honoured": score(predictions[block], plain)["both"],
+            "honoured_as_concept": score(predictions[block], [{**e, "shape": CONCEPT} for e in plain])["both"],
+        }
+        start += samples
+    base = score(predictions[start:], [e for _, e in cases[start:]])["both"]
+    return {
+        "concept_fidelity": concept,
+        "prompt_fidelity": sum(m["honoured"] for m in modifiers.values()) / len(modifiers),
+        "modifiers": modifiers,
+        "base_accuracy": base,
+        "images": images,
+    }
+
+
+def save_sample_grid(images, samples: int, path: Path, columns: int = 8) -> None:
+    """First ``columns`` images of each prompt block, one row per block, upscaled 2x."""
+    from PIL import Image
+
+    blocks = [images[i:i + min(columns, samples)] for i in range(0, len(images), samples)]
+    size = images[0].size[0] * 2
+    grid = Image.new("RGB", (columns * size, len(blocks) * size), "white")
+    for r, block in enumerate(blocks):
+        for c, image in enumerate(block):
+            grid.paste(image.resize((size, size), Image.Resampling.NEAREST), (c * size, r * size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def export_size(entry: str, final: Path) -> int:
+    """Bytes of the file a user would share: the single-file checkpoint, the LoRA or the embedding."""
+    if entry.startswith("dreambooth"):
+        return max(p.stat().st_size for p in final.glob("*.safetensors"))
+    name = "pytorch_lora_weights.safetensors" if entry == "lora" else "learned_embeds.safetensors"
+    return (final / name).stat().st_size
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def train_entry(entry: str, out: Path, data_dir: Path, class_dir: Path | None, seed: int, quick: bool,
+                model_dir: Path):
+    """Train one benchmark entry in-process with its shipped recipe; returns (final dir, seconds)."""
+    from ..trainers.config import load_config
+    from ..trainers.loop import train
+
+    spec = ENTRIES[entry]
+    overrides = [
+        f"model.pretrained={model_dir}",
+        f"data.instance_dir={data_dir}",
+        f"output.dir={out / entry}",
+        f"train.seed={seed}",
+        "validation.prompts=[]",
+        "logging.report_to=[]",
+        *spec["overrides"],
+    ]
+    if class_dir is not None:
+        count = len(list(class_dir.glob("*.png")))
+        overrides += [f"dreambooth.class_dir={class_dir}", f"dreambooth.num_class_images={count}"]
+    cfg = load_config(REPO_ROOT / "configs" / spec["config"], overrides)
+    if quick:
+        cfg.train.max_steps = max(4, cfg.train.max_steps // 10)
+        cfg.train.save_every = 0
+    started = time.time()
+    result = train(cfg)
+    return Path(result.output_dir) / "final", time.time() - started
+
+
+def _check(entry: str, row: dict) -> str:
+    wanted = TARGETS.get(entry, {})
+    names = {"concept": "concept_fidelity", "prompt": "prompt_fidelity", "base_accuracy": "base_accuracy"}
+    missed = [f"{k} {row[names[k]]:.2f} < {v:.2f}" for k, v in wanted.items() if row[names[k]] < v]
+    return "met" if not missed else "missed: " + ", ".join(missed)
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    lines = [
+        "| trainer | concept fidelity | prompt fidelity (blue / top left) | base-prompt accuracy | train time | export size | targets |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry, row in rows.items():
+        mods = " / ".join(f"{m['honoured']:.0%}" for m in row["modifiers"].values())
+        time_s = f"{row['train_seconds']:.0f} s" if row.get("train_seconds") is not None else "-"
+        size = _size(row.get("export_bytes"))
+        lines.append(f"| {entry} | {row['concept_fidelity']:.0%} | {row['prompt_fidelity']:.0%} ({mods}) | "
+                     f"{row['base_accuracy']:.0%} | {time_s} | {size} | {row['targets']} |")
+    return "\n".join(lines)
+
+
+def run_benchmark(out: Path, trainers: list[str], samples: int, seed: int, quick: bool,
+                  model_dir: Path = MODEL_DIR, classifier_dir: Path = CLASSIFIER_DIR, log=print) -> dict:
+    """Train and score every entry in ``trainers``; writes results.json, results.md and sample grids."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from .classifier import load_classifier
+
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" is expected here
+
+    unknown = [t for t in trainers if t not in ENTRIES]
+    if unknown:
+        raise ValueError(f"--trainers: unknown {', '.join(unknown)}; choose from {', '.join(ENTRIES)}")
+    if not (model_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: toy-world model missing; run scripts/pretrain_toyworld.py")
+    judge = load_classifier(classifier_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict] = {}
+
+    base = load_base(model_dir)
+    measured = evaluate_pipeline(base, judge, TOKEN, samples, seed)
+    save_sample_grid(measured.pop("images"), samples, out / "base" / "samples.png")
+    rows["base (untrained)"] = {**measured, "targets": "-"}
+    log(f"base: {measured['concept_fidelity']:.0%} concept, {measured['base_accuracy']:.0%} base prompts")
+
+    class_dir = None
+    if "dreambooth_prior" in trainers:
+        class_dir = write_class_images(base, out / "class_images", 16 if quick else 64, seed)
+    data = write_concept_folder(out / "data" / "concept")
+    del base
+    for entry in trainers:
+        token = TI_TOKEN if entry == "textual_inversion" else TOKEN
+        final, seconds = train_entry(entry, out, data, class_dir if entry == "dreambooth_prior" else None,
+                                     seed, quick, model_dir)
+        measured = evaluate_pipeline(load_export(entry, model_dir, final), judge, token, samples, seed)
+        save_sample_grid(measured.pop("images"), samples, out / entry / "samples.png")
+        row = {**measured, "train_seconds": seconds, "export_bytes": export_size(entry, final)}
+        row["targets"] = _check(entry, row)
+        rows[entry] = row
+        log(f"{entry}: {row['concept_fidelity']:.0%} concept, {row['prompt_fidelity']:.0%} prompt, "
+            f"{row['base_accuracy']:.0%} base prompts, {seconds:.0f} s -> {row['targets']}")
+
+    table = markdown_table(rows)
+    (out / "results.json").write_text(json.dumps(
+        {"seed": seed, "samples": samples, "quick": quick, "generation": GENERATION, "rows": rows}, indent=2) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    return rows
+
+
+def run_from_args(args) -> int:
+    """Entry point of `dreamtune evaluate --benchmark toyworld`."""
+    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    samples = min(args.samples, 8) if args.quick else args.samples
+    rows = run_benchmark(Path(args.out), trainers, samples, args.seed, args.quick)
+    print(markdown_table(rows))
+    print(f"results in {Path(args.out) / 'results.json'} and sample grids in {args.out}/<trainer>/samples.png")
+    return 0

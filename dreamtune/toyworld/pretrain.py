@@ -1,0 +1,241 @@
+"""Pretrain the toy-world base model from scratch: VAE, then CLIP text encoder + UNet together.
+
+Everything is drawn from one seed, so `scripts/pretrain_toyworld.py --seed 0` rebuilds the
+committed weights. The result is an ordinary SD 1.x diffusers folder that dreamtune trains on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..trainers.tiny_model import TINY_RECIPE, learn_bpe
+from . import world
+from .classifier import accuracy, save_classifier, train_classifier
+
+TOY_RECIPE = {
+    "resolution": world.RESOLUTION,
+    "bpe_merges": 300,
+    "unet": {
+        "sample_size": world.RESOLUTION // 4,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [48, 96],
+        "layers_per_block": 1,
+        "cross_attention_dim": 64,
+        "attention_head_dim": 2,  # diffusers reads this as the number of heads
+        "norm_num_groups": 16,
+    },
+    "vae": {
+        "sample_size": world.RESOLUTION,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [16, 32, 64],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+    },
+    "text_encoder": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "projection_dim": 64,
+        "hidden_act": "quick_gelu",
+    },
+    "scheduler": TINY_RECIPE["scheduler"],
+    "vae_steps": 1200,
+    "vae_batch": 32,
+    "classifier_steps": 1200,
+    "images": 30000,
+    "unet_steps": 3000,
+    "unet_batch": 128,
+    "learning_rate": 1e-3,
+    "caption_dropout": 0.1,
+    "min_snr_gamma": 5.0,
+    "ema_decay": 0.999,
+    "quality_per_prompt": 4,  # samples per held-out caption in the final quality check
+}
+
+
+def build_tokenizer(merges: int, seed: int):
+    """A CLIP BPE tokenizer whose merges come from toy-world captions (so 'sks' stays rare)."""
+    from transformers import CLIPTokenizer
+
+    vocab, learned = learn_bpe(world.caption_corpus(seed), merges)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in learned], model_max_length=77)
+
+
+def train_vae(images: torch.Tensor, recipe: dict, seed: int, log) -> nn.Module:
+    """An autoencoder (AutoencoderKL, tiny KL weight) that keeps flat shapes and colours crisp."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**recipe["vae"])
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    steps, batch = recipe["vae_steps"], recipe["vae_batch"]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x = images[torch.randint(0, len(images), (batch,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}: loss {loss.item():.4f}")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent mean and std of every image, unscaled."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(images[i:i + batch]).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def make_pipeline(tokenizer, text_encoder, vae, unet, recipe: dict):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**recipe["scheduler"]), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def train_denoiser(tokenizer, vae, latents, scenes, recipe: dict, seed: int, log, probe=None):
+    """CLIP text encoder and UNet trained together on epsilon prediction, min-SNR weighted, with EMA."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..trainers.objective import min_snr_weights
+
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**recipe["unet"])
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **recipe["text_encoder"],
+    ))
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in recipe["scheduler"].items()
+                                       if k not in ("skip_prk_steps", "set_alpha_to_one")})
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe["learning_rate"], weight_decay=0.01)
+    steps, batch = recipe["unet_steps"], recipe["unet_batch"]
+    warmup = max(1, min(200, steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    ema = {"unet": copy.deepcopy(unet).requires_grad_(False), "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False)}
+    mean, std = latents
+    scale = recipe["scaling_factor"]
+    rng = random.Random(seed + 3)
+    gen = torch.Generator().manual_seed(seed + 4)
+    unet.train()
+    text_encoder.train()
+    started = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(mean), (batch,), generator=gen)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        texts = ["" if rng.random() < recipe["caption_dropout"] else world.caption(scenes[i], rng) for i in idx.tolist()]
+        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        pred = unet(noise_scheduler.add_noise(z, noise, t), t, text_encoder(ids)[0]).sample
+        weights = min_snr_weights(noise_scheduler, t, recipe["min_snr_gamma"])
+        loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * weights).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(recipe["ema_decay"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, live in (("unet", unet), ("text_encoder", text_encoder)):
+                for e, p in zip(ema[name].parameters(), live.parameters()):
+                    e.lerp_(p, 1 - decay)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"denoiser step {step}: loss {loss.item():.4f} ({time.time() - started:.0f} s)")
+        if probe is not None and step > 0 and (step % 500 == 0 or step == steps - 1):
+            probe(step, ema["text_encoder"], ema["unet"])
+    return ema["text_encoder"].eval(), ema["unet"].eval()
+
+
+def held_out_prompts(count: int | None = None) -> list[tuple[str, str, str]]:
+    """(full caption, shape, colour) of held-out combinations, in a fixed order; ``count`` limits them."""
+    scenes = sorted(world.HELD_OUT, key=lambda s: (s.shape, s.color, s.size, s.position, s.background))
+    if count is not None:
+        scenes = scenes[:: max(1, len(scenes) // count)][:count]
+    return [(world.full_caption(s), s.shape, s.color) for s in scenes]
+
+
+def pretrain(out_dir: str | Path, seed: int = 0, overrides: dict | None = None, log=print) -> dict:
+    """Write ``out_dir``/model (diffusers), ``out_dir``/classifier and a quality report; return the report."""
+    from .generate import classify_prompts
+
+    recipe = {**TOY_RECIPE, **(overrides or {})}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    t0 = time.time()
+    scenes = [world.random_scene(rng) for _ in range(recipe["images"])]
+    images = torch.from_numpy(world.to_array([world.render(s, jitter=rng) for s in scenes]))
+    timings["render_s"] = time.time() - t0
+
+    t0 = time.time()
+    vae = train_vae(images, recipe, seed, log)
+    timings["vae_s"] = time.time() - t0
+
+    t0 = time.time()
+    judge = train_classifier(seed, recipe["classifier_steps"], degrade=lambda x: vae(x).sample, log=log)
+    save_classifier(judge, out / "classifier")
+    timings["classifier_s"] = time.time() - t0
+    judge_acc = accuracy(judge)
+    log(f"classifier accuracy on fresh renders: {judge_acc}")
+
+    t0 = time.time()
+    mean, std = encode_all(vae, images)
+    recipe["scaling_factor"] = round(float(1.0 / mean.std()), 5)
+    vae.register_to_config(scaling_factor=recipe["scaling_factor"])
+    tokenizer = build_tokenizer(recipe["bpe_merges"], seed)
+
+    def probe(step, text_encoder, unet):
+        pipe = make_pipeline(tokenizer, text_encoder, vae, unet, recipe)
+        score = classify_prompts(pipe, judge, held_out_prompts(30), per_prompt=1, seed=seed)
+        log(f"  probe at step {step}: held-out shape+colour accuracy {score['both']:.2f} {score}")
+
+    text_encoder, unet = train_denoiser(tokenizer, vae, (mean, std), scenes, recipe, seed, log, probe)
+    timings["denoiser_s"] = time.time() - t0
+
+    pipe = make_pipeline(tokenizer, text_encoder, vae, unet, recipe)
+    pipe.save_pretrained(out / "model", safe_serialization=True)
+    quality = classify_prompts(pipe, judge, held_out_prompts(), per_prompt=recipe["quality_per_prompt"],
+                               seed=seed + 1000)
+    report = {"seed": seed, "timings": timings, "classifier_accuracy": judge_acc,
+              "held_out_quality": quality, "recipe": recipe}
+    (out / "model" / "dreamtune_recipe.json").write_text(json.dumps({"seed": seed, **recipe}, indent=2) + "\n")
+    (out / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"held-out shape+colour accuracy: {quality['both']:.3f}")
+    return report

@@ -1,0 +1,207 @@
+"""The toy world: renderer, captions, the committed base model and classifier, pretraining, benchmark."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dreamtune.toyworld import world
+from dreamtune.toyworld.benchmark import CLASSIFIER_DIR, MODEL_DIR, TOYWORLD_DIR, write_concept_folder
+
+# ---- the world ------------------------------------------------------------------------------
+
+
+def test_render_draws_the_colour_at_the_position_on_the_background():
+    scene = world.Scene("square", "blue", "large", "top left", "black")
+    pixels = np.asarray(world.render(scene))
+    cx, cy = (int(f * world.RESOLUTION) for f in world.POSITIONS["top left"])
+    assert tuple(pixels[cy, cx]) == world.COLORS["blue"]
+    assert tuple(pixels[-2, -2]) == world.BACKGROUNDS["black"]
+
+
+def test_every_shape_draws_a_different_mask():
+    masks = {s: (np.asarray(world.render(world.Scene(s, "red"))) != world.BACKGROUNDS["white"]).any(-1)
+             for s in world.ALL_SHAPES}
+    shapes = list(masks)
+    for i, a in enumerate(shapes):
+        for b in shapes[i + 1:]:
+            assert (masks[a] != masks[b]).sum() > 20, f"{a} and {b} look alike"
+
+
+def test_random_scenes_never_show_held_out_combinations_or_new_shapes():
+    rng = random.Random(0)
+    scenes = [world.random_scene(rng) for _ in range(5000)]
+    assert len(world.HELD_OUT) == 90 and not set(scenes) & world.HELD_OUT
+    assert {s.shape for s in scenes} == set(world.BASE_SHAPES)
+    assert len(set(scenes)) > 700  # every other combination does occur
+    assert "star" not in world.caption_corpus(0, 500)
+
+
+def test_captions_name_shape_and_colour_in_several_phrasings():
+    rng = random.Random(1)
+    scene = world.Scene("circle", "red", "small", "top right", "gray")
+    captions = {world.caption(scene, rng) for _ in range(200)}
+    assert all("circle" in c and "red" in c for c in captions)
+    assert any("in red" in c for c in captions) and any("red circle" in c for c in captions)
+    assert any("top right" in c for c in captions) and any("top right" not in c for c in captions)
+    assert world.full_caption(scene, "sks") == "a photo of a small red sks on a gray background, top right"
+
+
+def test_shipped_concept_folder_is_what_the_benchmark_writes(tmp_path):
+    written = write_concept_folder(tmp_path / "concept")
+    shipped = TOYWORLD_DIR / "concept"
+    assert sorted(p.name for p in written.iterdir()) == sorted(p.name for p in shipped.iterdir())
+    for path in written.iterdir():
+        assert path.read_bytes() == (shipped / path.name).read_bytes(), path.name
+    assert all("{token}" in p.read_text() for p in shipped.glob("*.txt"))
+
+
+# ---- the committed model and classifier -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from dreamtune.toyworld.classifier import load_classifier
+
+    return load_classifier(CLASSIFIER_DIR)
+
+
+def test_classifier_reads_fresh_renders(judge):
+    from dreamtune.toyworld.classifier import accuracy
+
+    scores = accuracy(judge, seed=7, count=300)
+    assert min(scores.values()) >= 0.95, scores
+
+
+def test_classifier_refuses_other_labels(tmp_path):
+    from dreamtune.toyworld.classifier import load_classifier
+
+    for name in ("classifier.safetensors", "classifier.json"):
+        (tmp_path / name).write_bytes((CLASSIFIER_DIR / name).read_bytes())
+    (tmp_path / "classifier.json").write_text(json.dumps({"heads": {"shape": ["blob"]}}))
+    with pytest.raises(ValueError, match="labels differ"):
+        load_classifier(tmp_path)
+    with pytest.raises(FileNotFoundError, match="pretrain_toyworld"):
+        load_classifier(tmp_path / "missing")
+
+
+def test_committed_model_is_small_sd1_safetensors():
+    files = list(MODEL_DIR.rglob("*"))
+    assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt")]
+    weights = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+    assert weights < 12e6, f"{weights / 1e6:.1f} MB of weights"
+    index = json.loads((MODEL_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+@pytest.mark.slow
+def test_base_model_draws_held_out_shape_colour_pairs(judge):
+    """Never-rendered caption combinations come out as the shape and colour asked for.
+
+    The issue's bar is 90%; the committed model measures 88-90% over 360 samples depending on
+    guidance (docs/benchmarks.md), so this guards against regressions at 85% on 90 samples.
+    """
+    from dreamtune.toyworld.benchmark import GENERATION, load_base
+    from dreamtune.toyworld.generate import classify_prompts
+    from dreamtune.toyworld.pretrain import held_out_prompts
+
+    quality = classify_prompts(load_base(MODEL_DIR), judge, held_out_prompts(), per_prompt=1, seed=500,
+                               **GENERATION)
+    assert quality["both"] >= 0.85 and quality["color"] >= 0.95, quality
+
+
+# ---- pretraining and the benchmark ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pretraining_writes_a_loadable_model_and_classifier(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from dreamtune.toyworld.pretrain import pretrain
+
+    small = {"images": 64, "vae_steps": 3, "vae_batch": 4, "classifier_steps": 2, "unet_steps": 2,
+             "unet_batch": 4, "quality_per_prompt": 1}
+    report = pretrain(tmp_path / "tw", seed=3, overrides=small, log=lambda m: None)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tw" / "model", safety_checker=None,
+                                                   use_safetensors=True)
+    assert pipe.vae.config.scaling_factor == report["recipe"]["scaling_factor"] != 0.18215
+    assert pipe.tokenizer.tokenize("a red sks") == ["a</w>", "red</w>", "s", "k", "s</w>"]
+    assert set(report["timings"]) == {"render_s", "vae_s", "classifier_s", "denoiser_s"}
+    assert (tmp_path / "tw" / "classifier" / "classifier.safetensors").is_file()
+    assert 0.0 <= report["held_out_quality"]["both"] <= 1.0
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_scores_exports(tmp_path, capsys):
+    """Quick LoRA entry: trains, loads the exported file through diffusers, scores and writes tables."""
+    from dreamtune.cli import main
+
+    code = main(["evaluate", "--benchmark", "toyworld", "--out", str(tmp_path / "bench"),
+                 "--trainers", "lora", "--quick", "--samples", "4"])
+    assert code == 0
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    rows = results["rows"]
+    assert set(rows) == {"base (untrained)", "lora"}
+    assert rows["base (untrained)"]["concept_fidelity"] <= 0.5  # the base never drew a star for "sks"
+    assert rows["base (untrained)"]["base_accuracy"] >= 0.5
+    assert rows["lora"]["export_bytes"] > 0 and rows["lora"]["train_seconds"] > 0
+    assert (tmp_path / "bench" / "lora" / "samples.png").is_file()
+    assert "| lora |" in capsys.readouterr().out
+
+
+def test_benchmark_names_unknown_trainers(tmp_path):
+    from dreamtune.toyworld.benchmark import run_benchmark
+
+    with pytest.raises(ValueError, match="unknown lorra"):
+        run_benchmark(tmp_path, ["lorra"], 4, 0, True)
+
+
+def test_model_dir_constants_point_into_the_repo():
+    assert TOYWORLD_DIR == Path(__file__).resolve().parents[1] / "examples" / "toyworld"
+
+
+# ---- the README quickstart --------------------------------------------------------------------
+
+
+def _grid_cells(path: Path, rows: int, columns: int, label_h: int = 14):
+    """The images of a validation grid (make_grid's layout: a label strip above each row)."""
+    from PIL import Image
+
+    grid = Image.open(path).convert("RGB")
+    size = grid.width // columns
+    return [[grid.crop((c * size, r * (size + label_h) + label_h, (c + 1) * size, (r + 1) * (size + label_h)))
+             for c in range(columns)] for r in range(rows)]
+
+
+@pytest.mark.slow
+def test_quickstart_teaches_the_star_and_shows_base_vs_trained(tmp_path, judge):
+    """The README's first command, in-process: the LoRA makes "a photo of sks" draw stars, the base did not."""
+    from PIL import Image
+
+    from dreamtune.trainers.config import load_config
+    from dreamtune.trainers.loop import train
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "quickstart_lora.yaml", [
+        f"model.pretrained={MODEL_DIR}", f"data.instance_dir={TOYWORLD_DIR / 'concept'}",
+        f"output.dir={tmp_path / 'quickstart'}", "logging.report_to=[]", "train.save_every=0"])
+    result = train(cfg)
+    samples = result.output_dir / "samples"
+    steps = cfg.train.max_steps
+    side = Image.open(samples / "base-vs-trained.png").convert("RGB")
+    base_grid = Image.open(samples / "step-000000.png").convert("RGB")
+    final_grid = Image.open(samples / f"step-{steps:06d}.png").convert("RGB")
+    assert side.size == (base_grid.width + 6 + final_grid.width, 14 + base_grid.height)
+    assert np.array_equal(np.asarray(side.crop((0, 14, base_grid.width, side.height))), np.asarray(base_grid))
+
+    columns = cfg.validation.images_per_prompt
+    rows = len(cfg.validation.prompts)
+    assert cfg.validation.prompts[0] == "a photo of sks"
+    before = [p["shape"] for p in judge.predict(_grid_cells(samples / "step-000000.png", rows, columns)[0])]
+    after = [p["shape"] for p in judge.predict(_grid_cells(samples / f"step-{steps:06d}.png", rows, columns)[0])]
+    assert before.count("star") <= 1 and after.count("star") >= columns - 1, (before, after)
+    assert sorted(p.name for p in result.exported) == ["pytorch_lora_weights.safetensors", "sks_star_lora.safetensors"]
