@@ -104,7 +104,7 @@ def evaluate_pipeline(pipe, judge, token: str, samples: int, seed: int) -> dict:
     """Concept fidelity, prompt fidelity per modifier, and accuracy on the base's prompts."""
     cases = [(CONCEPT_PROMPT.format(t=token), {"shape": CONCEPT})] * samples
     for template, expected in MODIFIER_PROMPTS:
-        cases += [(template.format(t=token), {**expected, "_concept": CONCEPT})] * samples
+        cases += [(template.format(t=token), expected)] * samples
     cases += base_prompt_cases(samples)
     images = generate(pipe, [p for p, _ in cases], seed, **GENERATION)
     predictions = judge.predict(images)
@@ -112,10 +112,9 @@ def evaluate_pipeline(pipe, judge, token: str, samples: int, seed: int) -> dict:
     modifiers, start = {}, samples
     for template, expected in MODIFIER_PROMPTS:
         block = slice(start, start + samples)
-        plain = [{k: v for k, v in e.items() if k != "_concept"} for _, e in cases[block]]
         modifiers[template.format(t=token)] = {
-            "honoured": score(predictions[block], plain)["both"],
-            "honoured_as_concept": score(predictions[block], [{**e, "shape": CONCEPT} for e in plain])["both"],
+            "honoured": score(predictions[block], [expected] * samples)["both"],
+            "honoured_as_concept": score(predictions[block], [{**expected, "shape": CONCEPT}] * samples)["both"],
         }
         start += samples
     base = score(predictions[start:], [e for _, e in cases[start:]])["both"]
@@ -132,14 +131,12 @@ def save_sample_grid(images, samples: int, path: Path, columns: int = 8) -> None
     """First ``columns`` images of each prompt block, one row per block, upscaled 2x."""
     from PIL import Image
 
-    blocks = [images[i:i + min(columns, samples)] for i in range(0, len(images), samples)]
+    from ..trainers.sampling import save_grid
+
     size = images[0].size[0] * 2
-    grid = Image.new("RGB", (columns * size, len(blocks) * size), "white")
-    for r, block in enumerate(blocks):
-        for c, image in enumerate(block):
-            grid.paste(image.resize((size, size), Image.Resampling.NEAREST), (c * size, r * size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    rows = [[im.resize((size, size), Image.Resampling.NEAREST) for im in images[i:i + min(columns, samples)]]
+            for i in range(0, len(images), samples)]
+    save_grid(rows, path)
 
 
 def export_size(entry: str, final: Path) -> int:

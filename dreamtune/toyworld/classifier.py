@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .world import ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, SIZES, Scene, render, to_array
+from .world import ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, SIZES, Scene, random_scene, render, to_array
 
 HEADS = {
     "shape": list(ALL_SHAPES),
@@ -27,7 +27,7 @@ HEADS = {
 
 
 class ToyClassifier(nn.Module):
-    """Three conv stages over a 32 px image, then one linear head per attribute."""
+    """Three conv stages over a 32 px image, then one linear head per attribute (``predict`` resizes)."""
 
     def __init__(self, width: int = 32):
         super().__init__()
@@ -41,7 +41,7 @@ class ToyClassifier(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Linear(128, len(labels)) for name, labels in HEADS.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.features(nn.functional.interpolate(x, size=(32, 32), mode="area") if x.shape[-1] != 32 else x)
+        h = self.features(x)
         return {name: head(h) for name, head in self.heads.items()}
 
     @torch.no_grad()
@@ -59,10 +59,9 @@ def labels_of(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     return {name: torch.tensor([values.index(getattr(s, name)) for s in scenes]) for name, values in HEADS.items()}
 
 
-def all_scenes(rng: random.Random, count: int) -> list[Scene]:
-    """Scenes over every shape (the new ones too) and every colour pair: the judge must know them all."""
-    return [Scene(rng.choice(ALL_SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES)),
-                  rng.choice(list(POSITIONS)), rng.choice(list(BACKGROUNDS))) for _ in range(count)]
+def judge_scenes(rng: random.Random, count: int) -> list[Scene]:
+    """Scenes over every shape (the new ones too) and every combination: the judge must know them all."""
+    return [random_scene(rng, ALL_SHAPES, held_out=frozenset()) for _ in range(count)]
 
 
 def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, degrade=None, log=print) -> ToyClassifier:
@@ -75,7 +74,7 @@ def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, degrade
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     model.train()
     for step in range(steps):
-        scenes = all_scenes(rng, batch)
+        scenes = judge_scenes(rng, batch)
         x = torch.from_numpy(to_array([render(s, jitter=rng) for s in scenes]))
         if degrade is not None:
             half = batch // 2
@@ -98,7 +97,7 @@ def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, degrade
 def accuracy(model: ToyClassifier, seed: int = 123, count: int = 1000) -> dict[str, float]:
     """Per-attribute accuracy on fresh rendered scenes."""
     rng = random.Random(seed)
-    scenes = all_scenes(rng, count)
+    scenes = judge_scenes(rng, count)
     preds = model.predict([render(s, jitter=rng) for s in scenes])
     return {k: float(np.mean([p[k] == getattr(s, k) for p, s in zip(preds, scenes)])) for k in HEADS}
 

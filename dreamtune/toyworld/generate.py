@@ -10,8 +10,10 @@ def generate(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: flo
     """One image per prompt, image i drawn from seed ``seed + i`` (DPM-Solver++), in batches."""
     from diffusers import DPMSolverMultistepScheduler
 
+    from ..trainers.sampling import inference_scheduler
+
     if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = inference_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     images = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..trainers.tiny_model import TINY_RECIPE, learn_bpe
+from ..trainers.tiny_model import TINY_RECIPE, assemble_pipeline, clip_text_encoder, learn_bpe
 from . import world
 from .classifier import accuracy, save_classifier, train_classifier
 
@@ -113,31 +113,16 @@ def encode_all(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tenso
     return torch.cat(means), torch.cat(stds)
 
 
-def make_pipeline(tokenizer, text_encoder, vae, unet, recipe: dict):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=PNDMScheduler(**recipe["scheduler"]), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-
-
 def train_denoiser(tokenizer, vae, latents, scenes, recipe: dict, seed: int, log, probe=None):
     """CLIP text encoder and UNet trained together on epsilon prediction, min-SNR weighted, with EMA."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from ..trainers.objective import min_snr_weights
 
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(**recipe["unet"])
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        **recipe["text_encoder"],
-    ))
+    text_encoder = clip_text_encoder(tokenizer, recipe["text_encoder"])
     noise_scheduler = DDPMScheduler(**{k: v for k, v in recipe["scheduler"].items()
                                        if k not in ("skip_prk_steps", "set_alpha_to_one")})
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -222,14 +207,14 @@ def pretrain(out_dir: str | Path, seed: int = 0, overrides: dict | None = None, 
     tokenizer = build_tokenizer(recipe["bpe_merges"], seed)
 
     def probe(step, text_encoder, unet):
-        pipe = make_pipeline(tokenizer, text_encoder, vae, unet, recipe)
+        pipe = assemble_pipeline(tokenizer, text_encoder, vae, unet, recipe["scheduler"])
         score = classify_prompts(pipe, judge, held_out_prompts(30), per_prompt=1, seed=seed)
         log(f"  probe at step {step}: held-out shape+colour accuracy {score['both']:.2f} {score}")
 
     text_encoder, unet = train_denoiser(tokenizer, vae, (mean, std), scenes, recipe, seed, log, probe)
     timings["denoiser_s"] = time.time() - t0
 
-    pipe = make_pipeline(tokenizer, text_encoder, vae, unet, recipe)
+    pipe = assemble_pipeline(tokenizer, text_encoder, vae, unet, recipe["scheduler"])
     pipe.save_pretrained(out / "model", safe_serialization=True)
     quality = classify_prompts(pipe, judge, held_out_prompts(), per_prompt=recipe["quality_per_prompt"],
                                seed=seed + 1000)

@@ -366,14 +366,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
-    def _compare_with_base(self, final_grid: Path) -> list[Path]:
+    def _compare_with_base(self, final_grid: Path, step: int) -> list[Path]:
         """samples/base-vs-trained.png from the step-0 grid and the final one (main process)."""
         base_grid = self.output_dir / "samples" / f"step-{0:06d}.png"
         if not (self.cfg.validation.compare_with_base and self.accelerator.is_main_process and base_grid.is_file()):
             return []
         from .sampling import side_by_side
 
-        step = final_grid.stem.split("-")[-1].lstrip("0") or "0"
         return [side_by_side(base_grid, final_grid, self.output_dir / "samples" / "base-vs-trained.png",
                              ("base", f"trained ({step} steps)"))]
 
@@ -535,7 +534,7 @@ class Trainer:
             return result
         if path := self.validate(global_step):
             result.samples.append(path)
-            result.samples += self._compare_with_base(path)
+            result.samples += self._compare_with_base(path, global_step)
         result.exported = self._export(global_step)
         acc.end_training()
         return result

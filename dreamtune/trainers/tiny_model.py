@@ -133,11 +133,38 @@ def build_tokenizer(num_merges: int = TINY_RECIPE["bpe_merges"]):
     return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=77)
 
 
+def clip_text_encoder(tokenizer, config: dict):
+    """A randomly initialised CLIP text encoder sized by ``config`` for ``tokenizer``'s vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config,
+    ))
+
+
+def assemble_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config: dict):
+    """A ``StableDiffusionPipeline`` from parts, with SD 1.5's PNDM scheduler and no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0):
     """Return a ``StableDiffusionPipeline`` with random weights drawn from ``seed``."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
@@ -145,26 +172,8 @@ def build_tiny_pipeline(seed: int = 0):
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**TINY_RECIPE["vae"])
     torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_RECIPE["text_encoder"],
-    )
-    text_encoder = CLIPTextModel(text_config)
-    scheduler = PNDMScheduler(**TINY_RECIPE["scheduler"])
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return pipe
+    text_encoder = clip_text_encoder(tokenizer, TINY_RECIPE["text_encoder"])
+    return assemble_pipeline(tokenizer, text_encoder, vae, unet, TINY_RECIPE["scheduler"])
 
 
 def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
