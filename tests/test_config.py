@@ -88,6 +88,14 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     assert cfg.validation.prompts == ["a dog", "a cat"] and cfg.train.mixed_precision == "bf16"
 
 
+def test_mixed_precision_no_survives_yaml(tmp_path):
+    """YAML 1.1 reads `no` as false; accelerate's spelling must still mean no mixed precision."""
+    path = write(tmp_path, "trainer: lora\ntrain: {mixed_precision: no}\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert "mixed_precision" in error_of(write(tmp_path, "trainer: lora\ntrain: {mixed_precision: yes}\n"))
+
+
 def test_bad_override_key_and_form(tmp_path):
     path = write(tmp_path, "trainer: lora\n")
     assert "did you mean train.max_steps?" in error_of(path, ["train.max_stpes=3"])

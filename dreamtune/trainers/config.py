@@ -62,6 +62,12 @@ class TrainConfig(Section):
     checkpoints_total_limit: int | None = Field(3, ge=1)
     resume: str | None = Field(None, description="null, 'auto' (latest checkpoint) or a checkpoint folder.")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML 1.1 reads an unquoted `no` (accelerate's spelling, in a file or on the command line) as false.
+        return "no" if value is False else value
+
 
 class ValidationConfig(Section):
     prompts: list[str] = Field(default_factory=list)
