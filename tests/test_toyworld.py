@@ -48,6 +48,7 @@ def test_captions_name_shape_and_colour_in_several_phrasings():
     assert all("circle" in c and "red" in c for c in captions)
     assert any("in red" in c for c in captions) and any("red circle" in c for c in captions)
     assert any("top right" in c for c in captions) and any("top right" not in c for c in captions)
+    assert all("top right" in world.caption(scene, rng, position_rate=1.0) for _ in range(50))
     assert world.full_caption(scene, "sks") == "a photo of a small red sks on a gray background, top right"
 
 
@@ -93,17 +94,17 @@ def test_committed_model_is_small_sd1_safetensors():
     files = list(MODEL_DIR.rglob("*"))
     assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt")]
     weights = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
-    assert weights < 12e6, f"{weights / 1e6:.1f} MB of weights"
+    assert weights < 25e6, f"{weights / 1e6:.1f} MB of weights"
     index = json.loads((MODEL_DIR / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
 
 
 @pytest.mark.slow
 def test_base_model_draws_held_out_shape_colour_pairs(judge):
-    """Never-rendered caption combinations come out as the shape and colour asked for.
+    """Never-rendered caption combinations come out as the shape, colour and position asked for.
 
-    The issue's bar is 90%; the committed model measures 88-90% over 360 samples depending on
-    guidance (docs/benchmarks.md), so this guards against regressions at 85% on 90 samples.
+    The issue's bar is 90% (shape and colour); the committed model measures 93.9% over 360 samples
+    and places 100% where asked (docs/benchmarks.md). 90 samples here, so the bar sits at 85%.
     """
     from dreamtune.toyworld.benchmark import GENERATION, load_base
     from dreamtune.toyworld.generate import classify_prompts
@@ -111,7 +112,20 @@ def test_base_model_draws_held_out_shape_colour_pairs(judge):
 
     quality = classify_prompts(load_base(MODEL_DIR), judge, held_out_prompts(), per_prompt=1, seed=500,
                                **GENERATION)
-    assert quality["both"] >= 0.85 and quality["color"] >= 0.95, quality
+    assert quality["both"] >= 0.85 and quality["color"] >= 0.95 and quality["position"] >= 0.9, quality
+
+
+@pytest.mark.slow
+def test_base_model_places_a_shape_where_the_prompt_says(judge):
+    """The short "<shape>, <position>" phrasing the benchmark's modifier prompt uses moves the shape."""
+    from dreamtune.toyworld.benchmark import GENERATION, load_base
+    from dreamtune.toyworld.generate import generate
+
+    pipe = load_base(MODEL_DIR)
+    for position in ("top left", "bottom right"):
+        prompts = [f"a photo of a {c} {s}, {position}" for s, c in zip(world.BASE_SHAPES, world.COLORS)]
+        placed = [p["position"] for p in judge.predict(generate(pipe, prompts, 0, **GENERATION))]
+        assert placed.count(position) >= len(prompts) - 1, (position, placed)
 
 
 # ---- pretraining and the benchmark ----------------------------------------------------------

@@ -82,16 +82,18 @@ def load_base(model_dir: Path):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(
-        model_dir, safety_checker=None, requires_safety_checker=False, use_safetensors=True)
+        str(model_dir), safety_checker=None, requires_safety_checker=False, use_safetensors=True)
 
 
 def load_export(entry: str, model_dir: Path, final: Path):
     """The trained pipeline, built from the exported files only (as a user would load them)."""
     from diffusers import StableDiffusionPipeline
 
+    if not final.is_dir():
+        raise FileNotFoundError(f"{final}: the {entry} run wrote no final export")
     if entry.startswith("dreambooth"):
         return StableDiffusionPipeline.from_pretrained(
-            final / "diffusers", safety_checker=None, requires_safety_checker=False, use_safetensors=True)
+            str(final / "diffusers"), safety_checker=None, requires_safety_checker=False, use_safetensors=True)
     pipe = load_base(model_dir)
     if entry == "lora":
         pipe.load_lora_weights(str(final), weight_name="pytorch_lora_weights.safetensors")
@@ -190,21 +192,27 @@ def _check(entry: str, row: dict) -> str:
 
 def markdown_table(rows: dict[str, dict]) -> str:
     lines = [
-        "| trainer | concept fidelity | prompt fidelity (blue / top left) | base-prompt accuracy | train time | export size | targets |",
-        "|---|---|---|---|---|---|---|",
+        "| trainer | concept fidelity | prompt fidelity (blue / top left) | concept and modifier together "
+        "| base-prompt accuracy | train time | export size | targets |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for entry, row in rows.items():
         mods = " / ".join(f"{m['honoured']:.0%}" for m in row["modifiers"].values())
+        together = " / ".join(f"{m['honoured_as_concept']:.0%}" for m in row["modifiers"].values())
         time_s = f"{row['train_seconds']:.0f} s" if row.get("train_seconds") is not None else "-"
         size = _size(row.get("export_bytes"))
-        lines.append(f"| {entry} | {row['concept_fidelity']:.0%} | {row['prompt_fidelity']:.0%} ({mods}) | "
+        lines.append(f"| {entry} | {row['concept_fidelity']:.0%} | {row['prompt_fidelity']:.0%} ({mods}) | {together} | "
                      f"{row['base_accuracy']:.0%} | {time_s} | {size} | {row['targets']} |")
     return "\n".join(lines)
 
 
 def run_benchmark(out: Path, trainers: list[str], samples: int, seed: int, quick: bool,
-                  model_dir: Path = MODEL_DIR, classifier_dir: Path = CLASSIFIER_DIR, log=print) -> dict:
-    """Train and score every entry in ``trainers``; writes results.json, results.md and sample grids."""
+                  model_dir: Path = MODEL_DIR, classifier_dir: Path = CLASSIFIER_DIR, log=print,
+                  device: str = "cpu") -> dict:
+    """Train and score every entry in ``trainers``; writes results.json, results.md and sample grids.
+
+    ``device`` runs the scoring pipelines; training picks its device through accelerate as usual.
+    """
     from diffusers.utils import logging as diffusers_logging
 
     from .classifier import load_classifier
@@ -220,7 +228,7 @@ def run_benchmark(out: Path, trainers: list[str], samples: int, seed: int, quick
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
 
-    base = load_base(model_dir)
+    base = load_base(model_dir).to(device)
     measured = evaluate_pipeline(base, judge, TOKEN, samples, seed)
     save_sample_grid(measured.pop("images"), samples, out / "base" / "samples.png")
     rows["base (untrained)"] = {**measured, "targets": "-"}
@@ -235,7 +243,7 @@ def run_benchmark(out: Path, trainers: list[str], samples: int, seed: int, quick
         token = TI_TOKEN if entry == "textual_inversion" else TOKEN
         final, seconds = train_entry(entry, out, data, class_dir if entry == "dreambooth_prior" else None,
                                      seed, quick, model_dir)
-        measured = evaluate_pipeline(load_export(entry, model_dir, final), judge, token, samples, seed)
+        measured = evaluate_pipeline(load_export(entry, model_dir, final).to(device), judge, token, samples, seed)
         save_sample_grid(measured.pop("images"), samples, out / entry / "samples.png")
         row = {**measured, "train_seconds": seconds, "export_bytes": export_size(entry, final)}
         row["targets"] = _check(entry, row)
@@ -254,7 +262,10 @@ def run_from_args(args) -> int:
     """Entry point of `dreamtune evaluate --benchmark toyworld`."""
     trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
     samples = min(args.samples, 8) if args.quick else args.samples
-    rows = run_benchmark(Path(args.out), trainers, samples, args.seed, args.quick)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run_benchmark(Path(args.out), trainers, samples, args.seed, args.quick, device=device)
     print(markdown_table(rows))
     print(f"results in {Path(args.out) / 'results.json'} and sample grids in {args.out}/<trainer>/samples.png")
     return 0

@@ -64,12 +64,13 @@ def judge_scenes(rng: random.Random, count: int) -> list[Scene]:
     return [random_scene(rng, ALL_SHAPES, held_out=frozenset()) for _ in range(count)]
 
 
-def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, degrade=None, log=print) -> ToyClassifier:
+def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, degrade=None, log=print,
+                     device: str = "cpu") -> ToyClassifier:
     """Train on freshly rendered, jittered scenes; ``degrade`` (a batch -> batch function, e.g. a
     VAE round trip) is applied to half of each batch so the judge also reads blurred samples."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    model = ToyClassifier()
+    model = ToyClassifier().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     model.train()
@@ -81,17 +82,16 @@ def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, degrade
             with torch.no_grad():
                 x[:half] = degrade(x[:half]).clamp(-1, 1)
         x = x + 0.04 * torch.randn_like(x)
-        out = model(x)
+        out = model(x.to(device))
         targets = labels_of(scenes)
-        loss = sum(nn.functional.cross_entropy(out[k], targets[k]) for k in HEADS)
+        loss = sum(nn.functional.cross_entropy(out[k], targets[k].to(device)) for k in HEADS)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if step % 250 == 0 or step == steps - 1:
             log(f"classifier step {step}: loss {loss.item():.4f}")
-    model.eval()
-    return model
+    return model.cpu().eval()
 
 
 def accuracy(model: ToyClassifier, seed: int = 123, count: int = 1000) -> dict[str, float]:

@@ -36,9 +36,15 @@ def score(predictions: list[dict[str, str]], expected: list[dict[str, str]]) -> 
 
 
 def classify_prompts(pipe, judge, cases, per_prompt: int, seed: int, **gen_kwargs) -> dict[str, float]:
-    """Generate ``per_prompt`` images for each (prompt, shape, colour) case and score them."""
+    """Generate ``per_prompt`` images for each (prompt, shape, colour, position) case and score them.
+
+    'both' is shape and colour right together (the quality bar); 'position' is scored on its own.
+    """
     prompts, expected = [], []
-    for prompt, shape, color in cases:
+    for prompt, shape, color, position in cases:
         prompts += [prompt] * per_prompt
-        expected += [{"shape": shape, "color": color}] * per_prompt
-    return score(judge.predict(generate(pipe, prompts, seed, **gen_kwargs)), expected)
+        expected += [{"shape": shape, "color": color, "position": position}] * per_prompt
+    predictions = judge.predict(generate(pipe, prompts, seed, **gen_kwargs))
+    result = score(predictions, [{k: e[k] for k in ("shape", "color")} for e in expected])
+    result["position"] = score(predictions, [{"position": e["position"]} for e in expected])["both"]
+    return result

@@ -130,12 +130,12 @@ def random_scene(rng: random.Random, shapes=BASE_SHAPES, held_out: frozenset[Sce
             return scene
 
 
-def caption(scene: Scene, rng: random.Random, noun: str | None = None) -> str:
+def caption(scene: Scene, rng: random.Random, noun: str | None = None, position_rate: float = 0.6) -> str:
     """A caption naming the shape and colour, and at random the size, background and position.
 
     Several phrasings ("a red circle", "a circle in red", "a photo of ...", "..., top left") so the
     model learns each modifier as a phrase it can apply to a new noun later. ``noun`` replaces the
-    shape word (the benchmark's rare token).
+    shape word (the benchmark's rare token); ``position_rate`` is the share of captions naming the position.
     """
     noun = noun or scene.shape
     size = f"{scene.size} " if rng.random() < 0.4 else ""
@@ -147,7 +147,7 @@ def caption(scene: Scene, rng: random.Random, noun: str | None = None) -> str:
         text = "a photo of " + text
     if rng.random() < 0.5:
         text += f" on a {scene.background} background"
-    if rng.random() < 0.6:
+    if rng.random() < position_rate:
         text += f", {scene.position}" if rng.random() < 0.5 else f" at the {scene.position}"
     return text
 
