@@ -219,3 +219,39 @@ def test_quickstart_teaches_the_star_and_shows_base_vs_trained(tmp_path, judge):
     after = [p["shape"] for p in judge.predict(_grid_cells(samples / f"step-{steps:06d}.png", rows, columns)[0])]
     assert before.count("star") <= 1 and after.count("star") >= columns - 1, (before, after)
     assert sorted(p.name for p in result.exported) == ["pytorch_lora_weights.safetensors", "sks_star_lora.safetensors"]
+
+
+def test_seed_summary_means_ranges_and_targets():
+    from dreamtune.toyworld.benchmark import seeds_table, summarize_seeds
+
+    def row(concept, prompt, base):
+        return {"concept_fidelity": concept, "prompt_fidelity": prompt, "base_accuracy": base}
+
+    per_seed = {0: {"lora": row(0.9, 1.0, 0.7)}, 1: {"lora": row(0.5, 0.8, 0.5)}}
+    summary = summarize_seeds(per_seed)
+    assert summary["lora"]["concept_fidelity"] == pytest.approx(0.7)
+    assert summary["lora"]["range"]["concept_fidelity"] == (0.5, 0.9)
+    assert summary["lora"]["targets"] == "missed: concept 0.70 < 0.80"  # judged on the mean, not the best seed
+    assert "| lora | 70% (50%-90%) | 90% (80%-100%) | 60% (50%-70%) |" in seeds_table(summary, [0, 1])
+
+
+def test_benchmark_refuses_bad_seed_lists(capsys):
+    from dreamtune.cli import main
+
+    assert main(["evaluate", "--benchmark", "toyworld", "--seeds", "0,x"]) != 0
+    assert "--seeds must be distinct integers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_over_seeds_writes_each_run_and_a_summary(tmp_path, capsys):
+    from dreamtune.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["evaluate", "--benchmark", "toyworld", "--out", str(out), "--trainers", "lora", "--quick",
+                 "--samples", "2", "--seeds", "0,1"]) == 0
+    per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in per_seed] == [0, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    concepts = [r["rows"]["lora"]["concept_fidelity"] for r in per_seed]
+    assert summary["rows"]["lora"]["concept_fidelity"] == pytest.approx(sum(concepts) / 2)
+    assert "| lora |" in (out / "summary.md").read_text() and "2 seeds: 0, 1" in capsys.readouterr().out

@@ -52,6 +52,10 @@ def _metrics(args: argparse.Namespace) -> int:
 def _benchmark(args: argparse.Namespace) -> int:
     if args.samples < 1:
         return fail(f"--samples must be at least 1, got {args.samples}")
+    if args.seeds is not None:
+        parts = [p.strip() for p in args.seeds.split(",")]
+        if not parts or not all(p.lstrip("-").isdigit() for p in parts) or len(set(parts)) != len(parts):
+            return fail(f"--seeds must be distinct integers separated by commas, e.g. 0,1,2; got {args.seeds!r}")
     try:
         from ..toyworld.benchmark import run_from_args
     except ModuleNotFoundError as err:
@@ -94,5 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--trainers", default=DEFAULT_TRAINERS, help=f"comma list (default: {DEFAULT_TRAINERS})")
     bench.add_argument("--samples", type=int, default=32, help="images generated per evaluated prompt")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seeds", help="comma list of seeds: one run each, then the mean and range per trainer "
+                                       "(targets judged on the mean); overrides --seed")
     bench.add_argument("--quick", action="store_true", help="a short smoke run instead of the full benchmark")
     p.set_defaults(func=run)

@@ -258,6 +258,31 @@ def run_benchmark(out: Path, trainers: list[str], samples: int, seed: int, quick
     return rows
 
 
+METRICS = ("concept_fidelity", "prompt_fidelity", "base_accuracy")
+
+
+def summarize_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Mean, min and max of each metric per trainer over seeds; targets judged on the means."""
+    summary: dict[str, dict] = {}
+    for entry in next(iter(per_seed.values())):
+        values = {m: [rows[entry][m] for rows in per_seed.values()] for m in METRICS}
+        row = {m: sum(v) / len(v) for m, v in values.items()}
+        row["range"] = {m: (min(v), max(v)) for m, v in values.items()}
+        row["targets"] = _check(entry, row) if entry in ENTRIES else "-"
+        summary[entry] = row
+    return summary
+
+
+def seeds_table(summary: dict[str, dict], seeds: list[int]) -> str:
+    """Markdown: mean (min-max) of each metric per trainer over ``seeds``."""
+    lines = [f"| trainer ({len(seeds)} seeds: {', '.join(map(str, seeds))}) | concept fidelity | prompt fidelity "
+             "| base-prompt accuracy | targets (on the means) |", "|---|---|---|---|---|"]
+    for entry, row in summary.items():
+        cells = [f"{row[m]:.0%} ({row['range'][m][0]:.0%}-{row['range'][m][1]:.0%})" for m in METRICS]
+        lines.append(f"| {entry} | {' | '.join(cells)} | {row['targets']} |")
+    return "\n".join(lines)
+
+
 def run_from_args(args) -> int:
     """Entry point of `dreamtune evaluate --benchmark toyworld`."""
     trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
@@ -265,7 +290,19 @@ def run_from_args(args) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run_benchmark(Path(args.out), trainers, samples, args.seed, args.quick, device=device)
-    print(markdown_table(rows))
-    print(f"results in {Path(args.out) / 'results.json'} and sample grids in {args.out}/<trainer>/samples.png")
+    if not getattr(args, "seeds", None):
+        rows = run_benchmark(Path(args.out), trainers, samples, args.seed, args.quick, device=device)
+        print(markdown_table(rows))
+        print(f"results in {Path(args.out) / 'results.json'} and sample grids in {args.out}/<trainer>/samples.png")
+        return 0
+    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    per_seed = {seed: run_benchmark(Path(args.out) / f"seed-{seed}", trainers, samples, seed, args.quick,
+                                    device=device) for seed in seeds}
+    summary = summarize_seeds(per_seed)
+    table = seeds_table(summary, seeds)
+    (Path(args.out) / "summary.md").write_text(table + "\n")
+    (Path(args.out) / "summary.json").write_text(json.dumps({"seeds": seeds, "samples": samples, "quick": args.quick,
+                                                             "rows": summary}, indent=2) + "\n")
+    print(table)
+    print(f"per-seed results in {args.out}/seed-<N>/, summary in {Path(args.out) / 'summary.md'}")
     return 0
