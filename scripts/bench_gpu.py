@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -121,7 +122,7 @@ def child(case: str, model: str, data: str, out: str, steps: int, resolution: in
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
         "trainable_dtypes": dtypes, "trainable_params": sum(p.numel() for p in params),
-        "losses_finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)), "weights_moved": moved,
+        "losses_finite": all(math.isfinite(v) for v in losses), "weights_moved": moved,
         "mixed_precision": trainer.cfg.train.mixed_precision, "optimizer": trainer.cfg.train.optimizer,
         "gradient_checkpointing": trainer.cfg.train.gradient_checkpointing,
     }))
@@ -168,7 +169,7 @@ def main() -> int:
                       if not ok]
             checks = "ok" if not failed else "FAILED: " + ", ".join(failed)
             target = TARGETS_GIB.get(case)
-            if target is not None and r["peak_allocated_gib"] == r["peak_allocated_gib"]:  # not NaN: a GPU ran it
+            if target is not None and not math.isnan(r["peak_allocated_gib"]):  # NaN: no GPU ran it
                 checks += f"; {'under' if r['peak_allocated_gib'] < target else 'OVER'} the {target:g} GiB target"
             dtypes = ", ".join(d.replace("torch.", "") for d in r["trainable_dtypes"])
             print(f"| {case} | {r['mixed_precision']} | {r['optimizer']} | {r['gradient_checkpointing']} | "

@@ -56,6 +56,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         parts = [p.strip() for p in args.seeds.split(",")]
         if not parts or not all(p.lstrip("-").isdigit() for p in parts) or len(set(parts)) != len(parts):
             return fail(f"--seeds must be distinct integers separated by commas, e.g. 0,1,2; got {args.seeds!r}")
+        args.seeds = [int(p) for p in parts]
     try:
         from ..toyworld.benchmark import run_from_args
     except ModuleNotFoundError as err:

@@ -290,12 +290,12 @@ def run_from_args(args) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not getattr(args, "seeds", None):
+    seeds = getattr(args, "seeds", None)  # a list of ints, parsed and checked by the evaluate command
+    if not seeds:
         rows = run_benchmark(Path(args.out), trainers, samples, args.seed, args.quick, device=device)
         print(markdown_table(rows))
         print(f"results in {Path(args.out) / 'results.json'} and sample grids in {args.out}/<trainer>/samples.png")
         return 0
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     per_seed = {seed: run_benchmark(Path(args.out) / f"seed-{seed}", trainers, samples, seed, args.quick,
                                     device=device) for seed in seeds}
     summary = summarize_seeds(per_seed)
