@@ -52,6 +52,19 @@ def test_captions_name_shape_and_colour_in_several_phrasings():
     assert world.full_caption(scene, "sks") == "a photo of a small red sks on a gray background, top right"
 
 
+def test_captions_leave_the_colour_out_at_the_colour_rate_and_only_then_draw_for_it():
+    scene = world.Scene("circle", "red", "small", "top right", "gray")
+    rng = random.Random(2)
+    without = [world.caption(scene, rng, color_rate=0.8) for _ in range(1000)]
+    share = sum("red" not in c for c in without) / len(without)
+    assert 0.15 < share < 0.25, share
+    assert all("circle" in c for c in without) and any(c.startswith("a photo of a circle") for c in without)
+    # The default rate draws nothing extra: the tokenizer's caption corpus stays what it was.
+    a, b = random.Random(3), random.Random(3)
+    assert [world.caption(scene, a) for _ in range(50)] == [world.caption(scene, b, color_rate=1.0) for _ in range(50)]
+    assert a.random() == b.random()
+
+
 def test_shipped_concept_folder_is_what_the_benchmark_writes(tmp_path):
     written = write_concept_folder(tmp_path / "concept")
     shipped = TOYWORLD_DIR / "concept"
@@ -138,7 +151,7 @@ def test_pretraining_writes_a_loadable_model_and_classifier(tmp_path):
     from dreamtune.toyworld.pretrain import pretrain
 
     small = {"images": 64, "vae_steps": 3, "vae_batch": 4, "classifier_steps": 2, "unet_steps": 2,
-             "unet_batch": 4, "quality_per_prompt": 1}
+             "unet_batch": 4, "quality_per_prompt": 1, "shape_only_per_shape": 1}
     report = pretrain(tmp_path / "tw", seed=3, overrides=small, log=lambda m: None)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tw" / "model", safety_checker=None,
                                                    use_safetensors=True)
@@ -147,6 +160,7 @@ def test_pretraining_writes_a_loadable_model_and_classifier(tmp_path):
     assert set(report["timings"]) == {"render_s", "vae_s", "classifier_s", "denoiser_s"}
     assert (tmp_path / "tw" / "classifier" / "classifier.safetensors").is_file()
     assert 0.0 <= report["held_out_quality"]["both"] <= 1.0
+    assert report["shape_only_accuracy"] in {i / len(world.BASE_SHAPES) for i in range(len(world.BASE_SHAPES) + 1)}
 
 
 @pytest.mark.slow

@@ -130,16 +130,20 @@ def random_scene(rng: random.Random, shapes=BASE_SHAPES, held_out: frozenset[Sce
             return scene
 
 
-def caption(scene: Scene, rng: random.Random, noun: str | None = None, position_rate: float = 0.6) -> str:
-    """A caption naming the shape and colour, and at random the size, background and position.
+def caption(scene: Scene, rng: random.Random, noun: str | None = None, position_rate: float = 0.6,
+            color_rate: float = 1.0) -> str:
+    """A caption naming the shape, and at random the colour, size, background and position.
 
     Several phrasings ("a red circle", "a circle in red", "a photo of ...", "..., top left") so the
     model learns each modifier as a phrase it can apply to a new noun later. ``noun`` replaces the
-    shape word (the benchmark's rare token); ``position_rate`` is the share of captions naming the position.
+    shape word (the benchmark's rare token); ``position_rate`` and ``color_rate`` are the shares of
+    captions naming the position and the colour.
     """
     noun = noun or scene.shape
     size = f"{scene.size} " if rng.random() < 0.4 else ""
-    if rng.random() < 0.5:
+    if color_rate < 1.0 and rng.random() >= color_rate:  # drawn only when needed: the default stream is unchanged
+        text = f"a {size}{noun}"
+    elif rng.random() < 0.5:
         text = f"a {size}{scene.color} {noun}"
     else:
         text = f"a {size}{noun} in {scene.color}"
