@@ -50,6 +50,7 @@ def test_captions_name_shape_and_colour_in_several_phrasings():
     assert any("top right" in c for c in captions) and any("top right" not in c for c in captions)
     assert all("top right" in world.caption(scene, rng, position_rate=1.0) for _ in range(50))
     assert world.full_caption(scene, "sks") == "a photo of a small red sks on a gray background, top right"
+    assert world.full_caption(scene, "sks", color=False) == "a photo of a small sks on a gray background, top right"
 
 
 def test_captions_leave_the_colour_out_at_the_colour_rate_and_only_then_draw_for_it():

@@ -24,12 +24,13 @@ CLASSIFIER_DIR = TOYWORLD_DIR / "classifier"
 TOKEN = "sks"
 TI_TOKEN = "<sks>"
 CONCEPT = "star"
-#: The four training images: blue and "top left" are left out so the modifier prompts test transfer.
+#: The four training images: one subject, a red star, in three places on three backgrounds (as a
+#: DreamBooth subject keeps its look). Blue and "top left" are left out so the modifier prompts test transfer.
 CONCEPT_SCENES = (
     world.Scene(CONCEPT, "red", "large", "center", "white"),
-    world.Scene(CONCEPT, "green", "large", "top right", "white"),
-    world.Scene(CONCEPT, "yellow", "large", "bottom left", "gray"),
-    world.Scene(CONCEPT, "purple", "large", "bottom right", "black"),
+    world.Scene(CONCEPT, "red", "large", "top right", "white"),
+    world.Scene(CONCEPT, "red", "large", "bottom left", "gray"),
+    world.Scene(CONCEPT, "red", "large", "bottom right", "black"),
 )
 MODIFIER_PROMPTS = (("a photo of {t} in blue", {"color": "blue"}), ("a photo of {t}, top left", {"position": "top left"}))
 CONCEPT_PROMPT = "a photo of {t}"
@@ -52,12 +53,16 @@ GENERATION = {"steps": 30, "guidance": 3.0}
 
 
 def write_concept_folder(folder: Path) -> Path:
-    """The four concept images with full sidecar captions naming the shape ``{token}`` (filled by data.token)."""
+    """The four concept images, with sidecar captions calling the shape ``{token}`` (filled by data.token).
+
+    The captions name what changes between the images (size, background, position) and leave out
+    what the word should carry (shape and colour): the usual rule for captioning a subject.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     for i, scene in enumerate(CONCEPT_SCENES):
         world.render(scene, jitter=rng).save(folder / f"star_{i}.png")
-        (folder / f"star_{i}.txt").write_text(world.full_caption(scene, "{token}") + "\n")
+        (folder / f"star_{i}.txt").write_text(world.full_caption(scene, "{token}", color=False) + "\n")
     return folder
 
 

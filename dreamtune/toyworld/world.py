@@ -156,10 +156,10 @@ def caption(scene: Scene, rng: random.Random, noun: str | None = None, position_
     return text
 
 
-def full_caption(scene: Scene, noun: str | None = None) -> str:
-    """The caption naming every attribute: what a training image of a new concept is labelled with."""
-    return (f"a photo of a {scene.size} {scene.color} {noun or scene.shape} "
-            f"on a {scene.background} background, {scene.position}")
+def full_caption(scene: Scene, noun: str | None = None, color: bool = True) -> str:
+    """The caption naming every attribute (all but the colour when ``color`` is false)."""
+    named = f"{scene.size} {scene.color}" if color else scene.size
+    return f"a photo of a {named} {noun or scene.shape} on a {scene.background} background, {scene.position}"
 
 
 def caption_corpus(seed: int = 0, count: int = 4000) -> str:
