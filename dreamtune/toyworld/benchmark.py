@@ -24,7 +24,7 @@ CLASSIFIER_DIR = TOYWORLD_DIR / "classifier"
 TOKEN = "sks"
 TI_TOKEN = "<sks>"
 CONCEPT = "star"
-#: The four training images: one subject, a red star, in three places on three backgrounds (as a
+#: The four training images: one subject, a red star, in four places on three backgrounds (as a
 #: DreamBooth subject keeps its look). Blue and "top left" are left out so the modifier prompts test transfer.
 CONCEPT_SCENES = (
     world.Scene(CONCEPT, "red", "large", "center", "white"),

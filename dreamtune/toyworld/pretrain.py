@@ -69,7 +69,8 @@ TOY_RECIPE = {
     "caption_position_rate": 1.0,
     # Share of captions naming the colour. At 1.0 (the committed model) "a photo of a circle" draws
     # a square 97% of the time and shapes without a colour come out right 54% of the time; 0.8
-    # lifted that to 90% but halved LoRA's concept fidelity (docs/benchmarks.md), so it stays 1.0.
+    # lifted that to 90% but more than halved LoRA's concept fidelity on the benchmark's earlier
+    # four-colour concept images (docs/benchmarks.md; not retried on the red star), so it stays 1.0.
     "caption_color_rate": 1.0,
     "min_snr_gamma": 5.0,
     "ema_decay": 0.999,
