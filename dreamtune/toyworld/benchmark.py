@@ -38,8 +38,8 @@ CONCEPT_PROMPT = "a photo of {t}"
 #: Shipped recipe and export loader per benchmark entry.
 ENTRIES = {
     "lora": {"config": "quickstart_lora.yaml", "overrides": []},
-    "dreambooth": {"config": "toyworld_dreambooth.yaml", "overrides": ["dreambooth.prior_preservation=false"]},
-    "dreambooth_prior": {"config": "toyworld_dreambooth.yaml", "overrides": ["dreambooth.prior_preservation=true"]},
+    "dreambooth": {"config": "toyworld_dreambooth.yaml", "overrides": []},
+    "dreambooth_prior": {"config": "toyworld_dreambooth_prior.yaml", "overrides": []},
     "textual_inversion": {"config": "toyworld_ti.yaml", "overrides": []},
 }
 #: Targets from the issue: minimum concept fidelity, prompt fidelity, base-prompt accuracy.
