@@ -35,12 +35,12 @@ CONCEPT_SCENES = (
 MODIFIER_PROMPTS = (("a photo of {t} in blue", {"color": "blue"}), ("a photo of {t}, top left", {"position": "top left"}))
 CONCEPT_PROMPT = "a photo of {t}"
 
-#: Shipped recipe and export loader per benchmark entry.
+#: The shipped config (in configs/) each benchmark entry trains with, unchanged but for paths and seed.
 ENTRIES = {
-    "lora": {"config": "quickstart_lora.yaml", "overrides": []},
-    "dreambooth": {"config": "toyworld_dreambooth.yaml", "overrides": []},
-    "dreambooth_prior": {"config": "toyworld_dreambooth_prior.yaml", "overrides": []},
-    "textual_inversion": {"config": "toyworld_ti.yaml", "overrides": []},
+    "lora": "quickstart_lora.yaml",
+    "dreambooth": "toyworld_dreambooth.yaml",
+    "dreambooth_prior": "toyworld_dreambooth_prior.yaml",
+    "textual_inversion": "toyworld_ti.yaml",
 }
 #: Targets from the issue: minimum concept fidelity, prompt fidelity, base-prompt accuracy.
 TARGETS = {
@@ -55,8 +55,8 @@ GENERATION = {"steps": 30, "guidance": 3.0}
 def write_concept_folder(folder: Path) -> Path:
     """The four concept images, with sidecar captions calling the shape ``{token}`` (filled by data.token).
 
-    The captions name what changes between the images (size, background, position) and leave out
-    what the word should carry (shape and colour): the usual rule for captioning a subject.
+    The captions name size, background and position and leave out what the word should carry
+    (shape and colour): the usual rule for captioning a subject.
     """
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
@@ -166,7 +166,6 @@ def train_entry(entry: str, out: Path, data_dir: Path, class_dir: Path | None, s
     from ..trainers.config import load_config
     from ..trainers.loop import train
 
-    spec = ENTRIES[entry]
     overrides = [
         f"model.pretrained={model_dir}",
         f"data.instance_dir={data_dir}",
@@ -174,12 +173,11 @@ def train_entry(entry: str, out: Path, data_dir: Path, class_dir: Path | None, s
         f"train.seed={seed}",
         "validation.prompts=[]",
         "logging.report_to=[]",
-        *spec["overrides"],
     ]
     if class_dir is not None:
         count = len(list(class_dir.glob("*.png")))
         overrides += [f"dreambooth.class_dir={class_dir}", f"dreambooth.num_class_images={count}"]
-    cfg = load_config(REPO_ROOT / "configs" / spec["config"], overrides)
+    cfg = load_config(REPO_ROOT / "configs" / ENTRIES[entry], overrides)
     if quick:
         cfg.train.max_steps = max(4, cfg.train.max_steps // 10)
         cfg.train.save_every = 0
