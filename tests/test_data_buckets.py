@@ -113,3 +113,30 @@ def test_bucketed_loader_with_workers_and_batch_size(mixed_folder):
     total = sum(len(b["captions"]) for b in loader)
     assert total == 14 and loader.batches_per_epoch() == sum(
         math.ceil(len(g) / 3) for g in loader.sampler.groups.values())
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_dataset_smaller_than_a_batch_fills_every_batch(tmp_path, capsys, replicas):
+    """4 images at batch 8 (or 4 per process on 2 processes) train on full batches, each image equally often."""
+    for i in range(4):
+        write_image(tmp_path / f"{i}.png", caption=f"image {i}")
+    batch = 8 // replicas
+    seen = []
+    for rank in range(replicas):
+        loader = build_train_loader(cfg(instance_dir=str(tmp_path)), batch_size=batch, seed=0,
+                                    num_replicas=replicas, rank=rank)
+        loader.set_epoch(3)
+        batches = [b["captions"] for b in loader]
+        assert [len(b) for b in batches] == [batch] and loader.batches_per_epoch() == 1
+        seen += batches[0]
+    assert sorted(seen) == sorted(f"image {i}" for i in range(4) for _ in range(2))
+    assert "4 examples per epoch but 8 per step" in capsys.readouterr().out
+
+
+def test_dataset_of_a_whole_batch_is_not_padded(tmp_path, capsys):
+    for i in range(4):
+        write_image(tmp_path / f"{i}.png", caption=f"image {i}")
+    loader = build_train_loader(cfg(instance_dir=str(tmp_path)), batch_size=4, seed=0)
+    loader.set_epoch(0)
+    assert [sorted(b["captions"]) for b in loader] == [[f"image {i}" for i in range(4)]]
+    assert "per step" not in capsys.readouterr().out

@@ -102,6 +102,15 @@ class TrainLoader:
         return iter(self.dataloader)
 
 
+def note_small_dataset(examples: int, batch_size: int, num_replicas: int) -> None:
+    """Say once that a dataset smaller than one step's batch is cycled to fill it."""
+    per_step = batch_size * num_replicas
+    message = (f"data: {examples} examples per epoch but {per_step} per step (batch {batch_size} x {num_replicas} "
+               f"processes); each step repeats them to fill the batch. Set data.repeats or train.batch_size to choose.")
+    log.warning(message)
+    print(message)
+
+
 def default_cache_dir(cfg: DataConfig) -> Path:
     """data.cache_dir, else a hidden folder inside the first image folder (or ./.dreamtune_cache)."""
     if cfg.cache_dir:
@@ -166,6 +175,9 @@ def build_train_loader(
                                      num_replicas=num_replicas, rank=rank)
         dataloader = DataLoader(source, batch_sampler=sampler, **workers)
     else:
-        sampler = ShardedShuffleSampler(len(source), seed, num_replicas=num_replicas, rank=rank)
+        sampler = ShardedShuffleSampler(len(source), seed, num_replicas=num_replicas, rank=rank,
+                                        min_per_replica=batch_size)
+        if rank == 0 and len(source) < batch_size * num_replicas:
+            note_small_dataset(len(source), batch_size, num_replicas)
         dataloader = DataLoader(source, batch_size=batch_size, sampler=sampler, **workers)
     return TrainLoader(dataset=dataset, sampler=sampler, dataloader=dataloader, batch_size=batch_size, paired=paired)

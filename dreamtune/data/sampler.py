@@ -22,17 +22,21 @@ class ShardedShuffleSampler(Sampler[int]):
 
     The order depends only on (seed, epoch), so a resumed run sees the same data a straight run
     would. When the length does not divide, the first indices are reused to pad the last round.
+    ``min_per_replica`` (the batch size) cycles a dataset smaller than one batch per process
+    until every process fills a whole batch: 4 images at batch 8 train on 8 samples a step, not 4.
     """
 
-    def __init__(self, length: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, length: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
+                 min_per_replica: int = 0):
         if length <= 0:
             raise ValueError("cannot sample from an empty dataset")
         self.length, self.seed, self.shuffle = length, seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
+        self.min_per_replica = min_per_replica
         self.epoch, self.skip = 0, 0
 
     def per_replica(self) -> int:
-        return math.ceil(self.length / self.num_replicas)
+        return max(math.ceil(self.length / self.num_replicas), self.min_per_replica)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Select the epoch's order; ``skip`` drops this process's first indices (resume mid-epoch)."""
