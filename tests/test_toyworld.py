@@ -189,6 +189,26 @@ def test_benchmark_names_unknown_trainers(tmp_path):
         run_benchmark(tmp_path, ["lorra"], 4, 0, True)
 
 
+@pytest.mark.parametrize("quick", [False, True])
+def test_benchmark_trains_dreambooth_with_its_shipped_recipe(tmp_path, monkeypatch, quick):
+    """The shipped config, paths and seed aside; --quick keeps its shape at a tenth of the steps."""
+    from dreamtune.toyworld import benchmark
+    from dreamtune.trainers import loop
+
+    seen = {}
+
+    def fake_train(cfg):
+        seen["cfg"] = cfg
+        return type("Result", (), {"output_dir": str(tmp_path / "out")})()
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    benchmark.train_entry("dreambooth", tmp_path, tmp_path / "data", None, 7, quick, MODEL_DIR)
+    cfg = seen["cfg"]
+    assert (cfg.train.seed, cfg.data.instance_dir, cfg.model.pretrained) == (7, str(tmp_path / "data"), str(MODEL_DIR))
+    assert (cfg.train.max_steps, cfg.dreambooth.text_encoder_steps) == ((50, 25) if quick else (500, 250))
+    assert cfg.dreambooth.train_text_encoder and cfg.validation.prompts == []
+
+
 def test_model_dir_constants_point_into_the_repo():
     assert TOYWORLD_DIR == Path(__file__).resolve().parents[1] / "examples" / "toyworld"
 

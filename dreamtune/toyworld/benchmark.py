@@ -181,6 +181,8 @@ def train_entry(entry: str, out: Path, data_dir: Path, class_dir: Path | None, s
     if quick:
         cfg.train.max_steps = max(4, cfg.train.max_steps // 10)
         cfg.train.save_every = 0
+        if cfg.dreambooth is not None and cfg.dreambooth.text_encoder_steps:  # keep the recipe's shape
+            cfg.dreambooth.text_encoder_steps = max(1, cfg.dreambooth.text_encoder_steps // 10)
     started = time.time()
     result = train(cfg)
     return Path(result.output_dir) / "final", time.time() - started
