@@ -96,6 +96,30 @@ def test_an_empty_source_among_several_is_named(tmp_path):
         scan_records(c)
 
 
+def test_a_second_source_over_one_folder_ignores_its_captions(tmp_path):
+    """kohya's two subsets: each image once with its own caption and once as just the instance prompt."""
+    write_image(tmp_path / "a.png", caption="a photo of a large {token}, center")
+    write_image(tmp_path / "b.png", caption="a photo of a small {token}, top left")
+    c = DataConfig(resolution=32, token="sks", sources=[
+        {"instance_dir": str(tmp_path)},
+        {"instance_dir": str(tmp_path), "ignore_captions": True, "instance_prompt": "a photo of {token}"},
+    ])
+    ds = build_dataset(c, seed=0)
+    assert sorted(ds.caption_for(i) for i in range(len(ds))) == [
+        "a photo of a large sks, center", "a photo of a small sks, top left", "a photo of sks", "a photo of sks"]
+
+
+def test_ignore_captions_needs_an_instance_prompt_and_names_the_source(tmp_path):
+    write_image(tmp_path / "a.png", caption="x")
+    c = DataConfig(sources=[{"instance_dir": str(tmp_path)}, {"instance_dir": str(tmp_path), "ignore_captions": True}])
+    with pytest.raises(DataSourceError, match=r"data.sources\[1\].ignore_captions=true .* set data.sources\[1\]"
+                                              r".instance_prompt"):
+        scan_records(c)
+    inherited = DataConfig(instance_prompt="a photo of {token}", token="sks", sources=[
+        {"instance_dir": str(tmp_path), "ignore_captions": True}])
+    assert [r.caption for r in scan_records(inherited)[0]] == ["a photo of sks"]
+
+
 def hf_dataset(n: int = 4):
     import datasets
 
@@ -114,6 +138,9 @@ def test_local_saved_dataset_and_columns(tmp_path):
         build_dataset(cfg(dataset=str(tmp_path / "ds"), caption_column="prompt"), seed=0)
     with pytest.raises(DataSourceError, match="data.image_column: column 'img'"):
         build_dataset(cfg(dataset=str(tmp_path / "ds"), image_column="img"), seed=0)
+    ignored = build_dataset(cfg(dataset=str(tmp_path / "ds"), caption_column="prompt", ignore_captions=True,
+                                instance_prompt="a photo of {token}", token="sks"), seed=0)
+    assert [r.caption for r in ignored.records] == ["a photo of sks"] * 4
 
 
 def test_local_data_file(tmp_path):

@@ -28,6 +28,10 @@ class SourceOptions(BaseModel):
     token: str | None = Field(None, description="The trigger word that replaces {token} in captions (e.g. 'sks').")
     class_name: str | None = Field(None, description="The class word that replaces {class} in captions (e.g. 'dog').")
     caption_extension: str = Field(".txt", description="Sidecar caption extension; '.txt' and '.caption' are also read.")
+    ignore_captions: bool = Field(
+        False, description="Caption every image with instance_prompt, not its own caption (e.g. a second source "
+        "over the same folder, so each image is also trained as just 'a photo of sks'; kohya's second subset).",
+    )
     caption_prefix: str = Field("", description="Text put before every caption (e.g. the trigger word).")
     caption_suffix: str = Field("", description="Text put after every caption.")
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags each epoch.")
@@ -160,5 +164,12 @@ class DataConfig(SourceOptions):
         for i, source in enumerate(self.sources):
             if not source.instance_dir and not source.dataset:
                 raise ValueError(f"data.sources[{i}]: set instance_dir or dataset")
+        for i, source in enumerate(self.source_configs()):
+            if source.ignore_captions and not source.instance_prompt:
+                key = f"data.sources[{i}]" if self.sources else "data"
+                raise ValueError(
+                    f"{key}.ignore_captions=true captions every image with instance_prompt, but none is set; "
+                    f"set {key}.instance_prompt (e.g. 'a photo of {{token}}') or data.instance_prompt"
+                )
         if self.streaming and not all(s.dataset for s in self.source_configs()):
             raise ValueError("data.streaming applies to datasets only; every source needs data.dataset")

@@ -151,7 +151,8 @@ def folder_records(
         raise DataSourceError(f"{key}.instance_dir: {root} is not a folder; point it at a folder of images")
     rules = CaptionRules.from_source(source)
     extensions = list(dict.fromkeys([source.caption_extension, *CAPTION_EXTENSIONS]))
-    metadata, metadata_path = _read_metadata(root, source.caption_column or "text")
+    metadata, metadata_path = ({}, None) if source.ignore_captions else _read_metadata(
+        root, source.caption_column or "text")
     report = SourceReport()
     files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(root).parts))
@@ -169,9 +170,10 @@ def folder_records(
         inspected = list(pool.map(inspect_image, images))
     records = []
     for path, (size, problem) in zip(images, inspected):
-        own, problem2 = _read_sidecar(path, extensions)
+        own, problem2 = (None, None) if source.ignore_captions else _read_sidecar(path, extensions)
         problem = problem or problem2
-        own = own or metadata.get(str(path.relative_to(root))) or None
+        if not source.ignore_captions:
+            own = own or metadata.get(str(path.relative_to(root))) or None
         folder_repeats, folder_words = _repeat_folder(path, root)
         caption = base_caption(own, rules, fallback=folder_words)
         if problem is None and caption is None:
@@ -264,7 +266,7 @@ def check_columns(columns: list[str] | None, source: SourceConfig, key: str = "d
             f"{key}.image_column: column {source.image_column!r} not in dataset {source.dataset!r}; "
             f"columns: {columns}; set {key}.image_column to one of them"
         )
-    if source.caption_column is not None and source.caption_column not in columns:
+    if source.caption_column is not None and not source.ignore_captions and source.caption_column not in columns:
         raise DataSourceError(
             f"{key}.caption_column: column {source.caption_column!r} not in dataset {source.dataset!r}; "
             f"columns: {columns}; set {key}.caption_column to one of them (or null to use instance_prompt)"
@@ -319,7 +321,8 @@ def dataset_records(source: SourceConfig, key: str = "data") -> tuple[list[Recor
     dataset = load_hf_dataset(source, key=key)
     check_columns(list(dataset.column_names), source, key)
     rules = CaptionRules.from_source(source)
-    captions = dataset[source.caption_column] if source.caption_column else [None] * len(dataset)
+    own_captions = source.caption_column and not source.ignore_captions
+    captions = dataset[source.caption_column] if own_captions else [None] * len(dataset)
     fingerprint = getattr(dataset, "_fingerprint", source.dataset)
     report, records = SourceReport(), []
     for index, value in enumerate(captions):

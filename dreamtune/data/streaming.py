@@ -83,7 +83,7 @@ class StreamingImageDataset(IterableDataset):
                 continue
             origin = f"{self.source.dataset}[stream {index}]"
             caption = base_caption(cell_caption(row.get(self.source.caption_column)) if self.source.caption_column
-                                   else None, self.rules)
+                                   and not self.source.ignore_captions else None, self.rules)
             if caption is None:
                 continue
             try:
