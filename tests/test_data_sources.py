@@ -174,7 +174,12 @@ def test_streaming_dataset_shards_and_reshuffles(tmp_path):
     assert [cap for batch in loader for cap in batch["captions"]] == second[2:]
 
 
-def test_streaming_missing_column(tmp_path):
+def test_streaming_missing_column_and_ignored_captions(tmp_path):
     hf_dataset(2).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(DataSourceError, match="data.caption_column: column 'prompt'"):
         build_dataset(cfg(dataset=str(tmp_path / "ds"), streaming=True, caption_column="prompt"), seed=0)
+    ignored = cfg(dataset=str(tmp_path / "ds"), streaming=True, ignore_captions=True,
+                  instance_prompt="a photo of {token}", token="sks")
+    loader = build_train_loader(ignored, batch_size=2, seed=0)
+    loader.set_epoch(0)
+    assert [cap for batch in loader for cap in batch["captions"]] == ["a photo of sks"] * 2
