@@ -189,8 +189,10 @@ def test_benchmark_names_unknown_trainers(tmp_path):
         run_benchmark(tmp_path, ["lorra"], 4, 0, True)
 
 
-def capture_train(monkeypatch, tmp_path) -> dict:
-    """Replace the training loop with one that keeps the config it was given (under "cfg")."""
+@pytest.mark.parametrize("quick", [False, True])
+def test_benchmark_trains_dreambooth_with_its_shipped_recipe(tmp_path, monkeypatch, quick):
+    """The shipped config, paths and seed aside; --quick keeps its shape at a tenth of the steps."""
+    from dreamtune.toyworld import benchmark
     from dreamtune.trainers import loop
 
     seen = {}
@@ -200,15 +202,6 @@ def capture_train(monkeypatch, tmp_path) -> dict:
         return type("Result", (), {"output_dir": str(tmp_path / "out")})()
 
     monkeypatch.setattr(loop, "train", fake_train)
-    return seen
-
-
-@pytest.mark.parametrize("quick", [False, True])
-def test_benchmark_trains_dreambooth_with_its_shipped_recipe(tmp_path, monkeypatch, quick):
-    """The shipped config, paths and seed aside; --quick keeps its shape at a tenth of the steps."""
-    from dreamtune.toyworld import benchmark
-
-    seen = capture_train(monkeypatch, tmp_path)
     benchmark.train_entry("dreambooth", tmp_path, tmp_path / "data", None, 7, quick, MODEL_DIR)
     cfg = seen["cfg"]
     assert (cfg.train.seed, cfg.data.instance_dir, cfg.model.pretrained) == (7, str(tmp_path / "data"), str(MODEL_DIR))

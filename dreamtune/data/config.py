@@ -47,6 +47,11 @@ class SourceOptions(BaseModel):
     image_column: str = "image"
     caption_column: str | None = Field("text", description="Caption column; null uses instance_prompt.")
 
+    @property
+    def own_caption_column(self) -> str | None:
+        """The dataset column captions are read from: none when unset or with ignore_captions."""
+        return None if self.ignore_captions else self.caption_column
+
     @model_validator(mode="after")
     def _check_source(self) -> "SourceOptions":
         if self.instance_dir and self.dataset:

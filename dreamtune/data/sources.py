@@ -266,7 +266,7 @@ def check_columns(columns: list[str] | None, source: SourceConfig, key: str = "d
             f"{key}.image_column: column {source.image_column!r} not in dataset {source.dataset!r}; "
             f"columns: {columns}; set {key}.image_column to one of them"
         )
-    if source.caption_column is not None and not source.ignore_captions and source.caption_column not in columns:
+    if source.own_caption_column is not None and source.own_caption_column not in columns:
         raise DataSourceError(
             f"{key}.caption_column: column {source.caption_column!r} not in dataset {source.dataset!r}; "
             f"columns: {columns}; set {key}.caption_column to one of them (or null to use instance_prompt)"
@@ -321,8 +321,8 @@ def dataset_records(source: SourceConfig, key: str = "data") -> tuple[list[Recor
     dataset = load_hf_dataset(source, key=key)
     check_columns(list(dataset.column_names), source, key)
     rules = CaptionRules.from_source(source)
-    own_captions = source.caption_column and not source.ignore_captions
-    captions = dataset[source.caption_column] if own_captions else [None] * len(dataset)
+    column = source.own_caption_column
+    captions = dataset[column] if column else [None] * len(dataset)
     fingerprint = getattr(dataset, "_fingerprint", source.dataset)
     report, records = SourceReport(), []
     for index, value in enumerate(captions):

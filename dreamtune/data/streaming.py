@@ -78,12 +78,12 @@ class StreamingImageDataset(IterableDataset):
         worker = get_worker_info()
         skip = self.skip if worker is None else self.skip // worker.num_workers
         size = (self.cfg.resolution, self.cfg.resolution)
+        column = self.source.own_caption_column
         for index, row in enumerate(self._stream()):
             if index < skip:
                 continue
             origin = f"{self.source.dataset}[stream {index}]"
-            caption = base_caption(cell_caption(row.get(self.source.caption_column)) if self.source.caption_column
-                                   and not self.source.ignore_captions else None, self.rules)
+            caption = base_caption(cell_caption(row.get(column)) if column else None, self.rules)
             if caption is None:
                 continue
             try:
