@@ -83,3 +83,39 @@ def test_long_caption_warning_from_loader(tmp_path, capsys):
     write_image(tmp_path / "b.png", caption="short")
     build_train_loader(cfg(instance_dir=str(tmp_path)), batch_size=1, seed=0, tokenizer=WordTokenizer())
     assert "1 of 2 images have captions longer than the text encoder's 77 tokens" in capsys.readouterr().out
+
+
+def test_long_caption_warning_on_rank_zero_only(tmp_path, capsys):
+    from dreamtune.data.loader import build_train_loader
+
+    from .test_data_helpers import cfg, write_image
+
+    write_image(tmp_path / "a.png", caption=" ".join(["w"] * 100))
+    write_image(tmp_path / "b.png", caption="short")
+    build_train_loader(cfg(instance_dir=str(tmp_path)), batch_size=1, seed=0, num_replicas=2, rank=1,
+                       tokenizer=WordTokenizer())
+    assert "longer than" not in capsys.readouterr().out
+
+
+def test_data_notices_are_shown_once_without_logging_configured(tmp_path):
+    """A plain script (no logging set up) sees each data notice once, on stdout, and nothing on stderr."""
+    import subprocess
+    import sys
+
+    from .test_data_helpers import write_image
+
+    for i in range(2):
+        write_image(tmp_path / f"{i}.png", caption=" ".join(["w"] * (100 if i == 0 else 2)))
+    script = f"""
+from dreamtune.data.config import DataConfig
+from dreamtune.data.loader import build_train_loader
+class Words:
+    def __call__(self, texts, truncation=False, padding=False):
+        return {{"input_ids": [[0] + t.split() + [1] for t in texts]}}
+build_train_loader(DataConfig(resolution=32, instance_dir={str(tmp_path)!r}), batch_size=4, seed=0, tokenizer=Words())
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("1 of 2 images have captions longer than") == 1
+    assert run.stdout.count("2 examples per epoch but 4 per step") == 1
+    assert "examples per epoch" not in run.stderr and "longer than" not in run.stderr

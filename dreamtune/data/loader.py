@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,6 @@ from .latent_cache import LatentCache, LatentEncoder
 from .sampler import BucketBatchSampler, ShardedShuffleSampler
 from .sources import Record
 from .streaming import StreamingImageDataset
-
-log = logging.getLogger("dreamtune")
 
 
 class PairedDataset(Dataset):
@@ -102,13 +99,20 @@ class TrainLoader:
         return iter(self.dataloader)
 
 
+def data_notice(message: str) -> None:
+    """A one-off note about the data, on stdout beside the run's data report.
+
+    Printed, not logged: with no logging configured, a warning also reached stderr through logging's
+    last-resort handler, and the user read every note twice.
+    """
+    print(message, flush=True)
+
+
 def note_small_dataset(examples: int, batch_size: int, num_replicas: int) -> None:
     """Say once that a dataset smaller than one step's batch is cycled to fill it."""
     per_step = batch_size * num_replicas
-    message = (f"data: {examples} examples per epoch but {per_step} per step (batch {batch_size} x {num_replicas} "
-               f"processes); each step repeats them to fill the batch. Set data.repeats or train.batch_size to choose.")
-    log.warning(message)
-    print(message)
+    data_notice(f"data: {examples} examples per epoch but {per_step} per step (batch {batch_size} x {num_replicas} "
+                f"processes); each step repeats them to fill the batch. Set data.repeats or train.batch_size to choose.")
 
 
 def default_cache_dir(cfg: DataConfig) -> Path:
@@ -123,10 +127,8 @@ def warn_long_captions(dataset: ImageCaptionDataset, tokenizer: Any, max_length:
     """Warn once with how many images have captions the text encoder will truncate."""
     long = count_long_captions([r.caption for r in dataset.records], tokenizer, max_length)
     if long:
-        message = (f"data: {long} of {len(dataset.records)} images have captions longer than the text encoder's "
-                   f"{max_length} tokens; the ends are cut off. Shorten them or move key words first.")
-        log.warning(message)
-        print(message)
+        data_notice(f"data: {long} of {len(dataset.records)} images have captions longer than the text encoder's "
+                    f"{max_length} tokens; the ends are cut off. Shorten them or move key words first.")
     return long
 
 
@@ -155,7 +157,7 @@ def build_train_loader(
         dataset.shard(num_replicas, rank)
         dataloader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=cfg.num_workers)
         return TrainLoader(dataset=dataset, sampler=None, dataloader=dataloader, batch_size=batch_size)
-    if tokenizer is not None:
+    if tokenizer is not None and rank == 0:
         warn_long_captions(dataset, tokenizer)
     cache = None
     if cfg.cache_latents != "none" and latent_encoder is not None:
