@@ -119,3 +119,10 @@ build_train_loader(DataConfig(resolution=32, instance_dir={str(tmp_path)!r}), ba
     assert run.stdout.count("1 of 2 images have captions longer than") == 1
     assert run.stdout.count("2 examples per epoch but 4 per step") == 1
     assert "examples per epoch" not in run.stderr and "longer than" not in run.stderr
+
+
+def test_prefix_and_suffix_fill_token_and_class():
+    rules = CaptionRules(token="sks", class_name="dog", prefix="photo of {token},", suffix=", a {class}",
+                         shuffle_tags=True, keep_tokens=1)
+    text = render_caption("tree, river", rules, caption_rng(0, 0, 0))
+    assert text.startswith("photo of sks, tree") and text.endswith(", a dog") and "{" not in text

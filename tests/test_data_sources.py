@@ -80,7 +80,7 @@ def test_several_sources_each_with_own_rules(tmp_path):
     ds = build_dataset(c, seed=0)
     assert len(ds) == 5
     captions = sorted(ds.caption_for(i) for i in range(len(ds)))
-    assert captions == ["a photo of sks toy"] * 4 + ["in the style of {token}, watercolor, tree"]
+    assert captions == ["a photo of sks toy"] * 4 + ["in the style of sks, watercolor, tree"]
 
 
 def test_sources_and_shorthand_together_is_an_error(tmp_path):

@@ -52,7 +52,7 @@ def caption_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 def render_caption(base: str, rules: CaptionRules, rng: random.Random) -> str:
-    """Apply shuffle, tag dropout, prefix/suffix and caption dropout to ``base``."""
+    """Apply shuffle, tag dropout, prefix/suffix (``{token}``/``{class}`` filled) and caption dropout to ``base``."""
     if rules.caption_dropout and rng.random() < rules.caption_dropout:
         return ""
     if rules.shuffle_tags or rules.tag_dropout:
@@ -63,7 +63,8 @@ def render_caption(base: str, rules: CaptionRules, rng: random.Random) -> str:
         if rules.shuffle_tags:
             rng.shuffle(rest)
         base = ", ".join(kept + rest)
-    return " ".join(part for part in (rules.prefix.strip(), base, rules.suffix.strip()) if part)
+    prefix, suffix = (fill_template(text.strip(), rules) for text in (rules.prefix, rules.suffix))
+    return " ".join(part for part in (prefix, base, suffix) if part)
 
 
 def count_long_captions(captions: Iterable[str], tokenizer: Any, max_length: int = 77) -> int:

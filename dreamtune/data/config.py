@@ -32,7 +32,7 @@ class SourceOptions(BaseModel):
         False, description="Caption every image with instance_prompt, not its own caption (e.g. a second source "
         "over the same folder, so each image is also trained as just 'a photo of sks'; kohya's second subset).",
     )
-    caption_prefix: str = Field("", description="Text put before every caption (e.g. the trigger word).")
+    caption_prefix: str = Field("", description="Text put before every caption (e.g. the trigger word or '{token},').")
     caption_suffix: str = Field("", description="Text put after every caption.")
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags each epoch.")
     keep_tokens: int = Field(0, ge=0, description="The first N tags stay in place (not shuffled or dropped).")
