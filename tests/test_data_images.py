@@ -106,3 +106,23 @@ def test_file_broken_after_scan_uses_a_neighbour(tmp_path):
     ds = build_dataset(cfg(instance_dir=str(tmp_path)), seed=0)
     (tmp_path / "a.png").write_bytes(b"")
     assert ds[0]["caption"] == "b"
+
+
+@pytest.mark.parametrize("center_crop", [True, False])
+def test_a_wide_image_is_cropped_not_squashed(tmp_path, center_crop):
+    """A disc in a 5:4 photo stays round at 32x32: the image is scaled to cover the square, then cropped.
+
+    Any crop of the scaled 40x32 image keeps the whole disc, so the random crop is checked too.
+    """
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (60, 48), "white")
+    ImageDraw.Draw(image).ellipse((18, 12, 42, 36), fill="black")  # 24 px across, 24 px high
+    image.save(tmp_path / "wide.png")
+    (tmp_path / "wide.txt").write_text("a disc")
+    example = build_dataset(cfg(instance_dir=str(tmp_path), center_crop=center_crop), seed=0)[0]
+    dark = (example["pixel_values"].mean(0) < 0).numpy()
+    assert example["pixel_values"].shape == (3, 32, 32)
+    rows, cols = np.nonzero(dark.any(1))[0], np.nonzero(dark.any(0))[0]
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert abs(height - 16) <= 1 and abs(width - 16) <= 1, (height, width)  # squashed: 16 high, 13 wide

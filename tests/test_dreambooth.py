@@ -361,3 +361,46 @@ def test_blend_alpha_is_refused_for_lora(tmp_path):
 
     with pytest.raises(ConfigError, match="export.blend_alpha .* applies to trainer: dreambooth"):
         load_config(REPO_ROOT / "configs" / "tiny_lora.yaml", ["export.blend_alpha=0.7"])
+
+
+def test_min_snr_weights_each_sample_before_the_prior_split(tiny_model_dir, tmp_path):
+    """Instance and class samples get their own timestep's weight; then instance mean + weight x prior mean."""
+    import dreamtune.trainers.loop as loop
+
+    cfg = db_config(
+        tiny_model_dir, tmp_path, "train.max_steps=1", "train.batch_size=2", "train.snr_gamma=5.0",
+        "dreambooth.prior_loss_weight=0.5", "dreambooth.ema=false", "dreambooth.use_ema_for=raw",
+        "dreambooth.num_class_images=2", "dreambooth.class_generation_steps=2",
+        "dreambooth.class_generation_batch_size=2",
+    )
+    trainer = Trainer(cfg)
+    seen: dict = {}
+    method_loss, real_mse, real_weights = trainer.method.loss, loop.per_sample_mse, loop.min_snr_weights
+
+    def spy_mse(pred, target):
+        mse = real_mse(pred, target)
+        seen["mse"] = mse.detach().clone()
+        return mse
+
+    def spy_weights(scheduler, timesteps, gamma):
+        seen["timesteps"] = timesteps.clone()
+        return real_weights(scheduler, timesteps, gamma)
+
+    def spy_loss(per_sample, batch):
+        seen["per_sample"], seen["num_instance"] = per_sample.detach().clone(), batch.get("num_instance")
+        loss, scalars = method_loss(per_sample, batch)
+        seen["loss"] = loss.detach()
+        return loss, scalars
+
+    trainer.method.loss = spy_loss
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "per_sample_mse", spy_mse)
+        mp.setattr(loop, "min_snr_weights", spy_weights)
+        trainer.run()
+    assert seen["num_instance"] == 2 and seen["per_sample"].shape == (4,)
+    alphas = trainer.models.noise_scheduler.alphas_cumprod.double()[seen["timesteps"].cpu()]
+    snr = alphas / (1 - alphas)
+    weights = (snr.clamp(max=5.0) / snr).float()
+    torch.testing.assert_close(seen["per_sample"], seen["mse"] * weights)
+    expected = seen["per_sample"][:2].mean() + 0.5 * seen["per_sample"][2:].mean()
+    torch.testing.assert_close(seen["loss"], expected)

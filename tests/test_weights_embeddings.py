@@ -69,6 +69,17 @@ def test_dtype_option_and_single_vector(tmp_path: Path) -> None:
     assert load_embedding(path, dtype=torch.float16)[0].dtype == torch.float16
 
 
+def test_a_single_vector_is_stored_as_one_row_in_every_format(tmp_path: Path) -> None:
+    """The file itself holds [1, hidden]: InvokeAI and A1111 read the row count from the stored shape."""
+    one = torch.randn(HIDDEN)
+    stored = {
+        "diffusers": load_safetensors(save_diffusers_embedding(tmp_path / "d.safetensors", "<x>", one))[0]["<x>"],
+        "a1111": load_safetensors(save_a1111_embedding(tmp_path / "a.safetensors", one))[0]["emb_params"],
+        "pt": torch.load(save_a1111_pt(tmp_path / "a.pt", one, name="a"), weights_only=True)["string_to_param"]["*"],
+    }
+    assert {kind: tuple(t.shape) for kind, t in stored.items()} == {kind: (1, HIDDEN) for kind in stored}
+
+
 def test_not_an_embedding_is_refused(tmp_path: Path) -> None:
     from dreamtune.weights.safetensors_io import save_safetensors
 
