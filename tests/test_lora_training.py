@@ -140,6 +140,33 @@ def test_bf16_mixed_precision_run_completes(tiny_model_dir, tmp_path):
     assert trainer.models.vae.dtype == torch.bfloat16
 
 
+def test_bf16_trainable_weights_stay_fp32_through_validation_and_resume(tiny_model_dir, tmp_path, capsys):
+    """Mixed precision upcasts the adapters once at setup; validation and a resume must not undo it."""
+    dtypes = []
+
+    def run(max_steps: int) -> Trainer:
+        cfg = lora_config(tiny_model_dir, tmp_path, "train.mixed_precision=bf16", f"train.max_steps={max_steps}",
+                          "train.save_every=2", "validation.every=1", "train.resume=auto")
+        trainer = Trainer(cfg)
+        validate = trainer.validate
+
+        def spy_validate(step):
+            path = validate(step)
+            dtypes.append({p.dtype for module in trainer.method.trained_modules().values()
+                           for p in module.parameters() if p.requires_grad})
+            return path
+
+        trainer.validate = spy_validate
+        assert np.isfinite(trainer.run().last_loss)
+        return trainer
+
+    run(3)  # checkpoints at step 2
+    resumed = run(4)  # resumes from step 2
+    assert "at step 2" in capsys.readouterr().out
+    assert len(dtypes) >= 4 and all(seen == {torch.float32} for seen in dtypes), dtypes
+    assert resumed.models.vae.dtype == torch.bfloat16
+
+
 def test_fp16_on_cpu_is_refused_with_the_fix(tiny_model_dir, tmp_path):
     cfg = lora_config(tiny_model_dir, tmp_path, "train.mixed_precision=fp16")
     with pytest.raises(ValueError, match="needs a GPU.*bf16"):
