@@ -209,6 +209,28 @@ def test_benchmark_trains_dreambooth_with_its_shipped_recipe(tmp_path, monkeypat
     assert cfg.dreambooth.train_text_encoder and cfg.validation.prompts == []
 
 
+def test_benchmark_points_every_source_of_the_prior_recipe_at_its_folder(tmp_path, monkeypatch):
+    """The prior recipe trains each image twice (captioned, and as just the instance prompt): both sources move."""
+    from dreamtune.data.sources import scan_records
+    from dreamtune.toyworld import benchmark
+    from dreamtune.trainers import loop
+
+    seen = {}
+    monkeypatch.setattr(loop, "train", lambda cfg: seen.setdefault("cfg", cfg) and type(
+        "Result", (), {"output_dir": str(tmp_path / "out")})())
+    data = benchmark.write_concept_folder(tmp_path / "data")
+    (tmp_path / "class").mkdir()
+    (tmp_path / "class" / "class-00000.png").touch()  # only counted here: training is faked
+    benchmark.train_entry("dreambooth_prior", tmp_path, data, tmp_path / "class", 7, False, MODEL_DIR)
+    cfg = seen["cfg"]
+    sources = cfg.data.source_configs()
+    assert [(s.instance_dir, s.ignore_captions) for s in sources] == [(str(data), False), (str(data), True)]
+    captions = sorted(r.caption for r in scan_records(cfg.data)[0])
+    assert len(captions) == 8 and captions[4:] == ["a photo of sks"] * 4
+    assert all(c.startswith("a photo of a large sks on a ") for c in captions[:4])
+    assert (cfg.train.batch_size, cfg.dreambooth.prior_loss_weight) == (8, 1.0)
+
+
 def test_model_dir_constants_point_into_the_repo():
     assert TOYWORLD_DIR == Path(__file__).resolve().parents[1] / "examples" / "toyworld"
 

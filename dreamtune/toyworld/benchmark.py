@@ -160,15 +160,26 @@ def _size(n: int | None) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+def concept_folder_override(recipe: Path, data_dir: Path) -> str:
+    """Point the recipe at ``data_dir``: its instance_dir, or every one of its data.sources (their rules kept)."""
+    from ..trainers.config import read_yaml
+
+    sources = (read_yaml(recipe).get("data") or {}).get("sources")
+    if not sources:
+        return f"data.instance_dir={data_dir}"
+    return "data.sources=" + json.dumps([{**source, "instance_dir": str(data_dir)} for source in sources])
+
+
 def train_entry(entry: str, out: Path, data_dir: Path, class_dir: Path | None, seed: int, quick: bool,
                 model_dir: Path):
     """Train one benchmark entry in-process with its shipped recipe; returns (final dir, seconds)."""
     from ..trainers.config import load_config
     from ..trainers.loop import train
 
+    recipe = REPO_ROOT / "configs" / ENTRIES[entry]
     overrides = [
         f"model.pretrained={model_dir}",
-        f"data.instance_dir={data_dir}",
+        concept_folder_override(recipe, data_dir),
         f"output.dir={out / entry}",
         f"train.seed={seed}",
         "validation.prompts=[]",
@@ -177,7 +188,7 @@ def train_entry(entry: str, out: Path, data_dir: Path, class_dir: Path | None, s
     if class_dir is not None:
         count = len(list(class_dir.glob("*.png")))
         overrides += [f"dreambooth.class_dir={class_dir}", f"dreambooth.num_class_images={count}"]
-    cfg = load_config(REPO_ROOT / "configs" / ENTRIES[entry], overrides)
+    cfg = load_config(recipe, overrides)
     if quick:
         cfg.train.max_steps = max(4, cfg.train.max_steps // 10)
         cfg.train.save_every = 0
