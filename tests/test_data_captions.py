@@ -126,3 +126,15 @@ def test_prefix_and_suffix_fill_token_and_class():
                          shuffle_tags=True, keep_tokens=1)
     text = render_caption("tree, river", rules, caption_rng(0, 0, 0))
     assert text.startswith("photo of sks, tree") and text.endswith(", a dog") and "{" not in text
+
+
+def test_long_caption_count_includes_the_prefix(tmp_path, capsys):
+    from dreamtune.data.loader import build_train_loader
+
+    from .test_data_helpers import cfg, write_image
+
+    write_image(tmp_path / "a.png", caption=" ".join(["w"] * 60))
+    write_image(tmp_path / "b.png", caption="short")
+    c = cfg(instance_dir=str(tmp_path), caption_prefix=" ".join(["{token}"] * 20), token="sks")
+    build_train_loader(c, batch_size=1, seed=0, tokenizer=WordTokenizer())
+    assert "1 of 2 images have captions longer than the text encoder's 77 tokens" in capsys.readouterr().out

@@ -67,6 +67,12 @@ def render_caption(base: str, rules: CaptionRules, rng: random.Random) -> str:
     return " ".join(part for part in (prefix, base, suffix) if part)
 
 
+def longest_caption(base: str, rules: CaptionRules) -> str:
+    """``base`` with its prefix and suffix and every tag kept: the most a step can hand the text encoder."""
+    kept = CaptionRules(token=rules.token, class_name=rules.class_name, prefix=rules.prefix, suffix=rules.suffix)
+    return render_caption(base, kept, random.Random(0))
+
+
 def count_long_captions(captions: Iterable[str], tokenizer: Any, max_length: int = 77) -> int:
     """How many captions have more tokens (with begin/end tokens) than the text encoder reads."""
     captions = [c for c in captions if c]

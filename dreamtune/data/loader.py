@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .caption_rules import count_long_captions
+from .caption_rules import CaptionRules, count_long_captions, longest_caption
 from .config import DataConfig
 from .dataset import ImageCaptionDataset, build_dataset, collate, image_key
 from .latent_cache import LatentCache, LatentEncoder
@@ -124,8 +124,9 @@ def default_cache_dir(cfg: DataConfig) -> Path:
 
 
 def warn_long_captions(dataset: ImageCaptionDataset, tokenizer: Any, max_length: int = 77) -> int:
-    """Warn once with how many images have captions the text encoder will truncate."""
-    long = count_long_captions([r.caption for r in dataset.records], tokenizer, max_length)
+    """Warn once with how many images have captions (prefix and suffix included) the text encoder will truncate."""
+    long = count_long_captions([longest_caption(r.caption, r.rules or CaptionRules()) for r in dataset.records],
+                               tokenizer, max_length)
     if long:
         data_notice(f"data: {long} of {len(dataset.records)} images have captions longer than the text encoder's "
                     f"{max_length} tokens; the ends are cut off. Shorten them or move key words first.")
