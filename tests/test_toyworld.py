@@ -189,40 +189,43 @@ def test_benchmark_names_unknown_trainers(tmp_path):
         run_benchmark(tmp_path, ["lorra"], 4, 0, True)
 
 
-@pytest.mark.parametrize("quick", [False, True])
-def test_benchmark_trains_dreambooth_with_its_shipped_recipe(tmp_path, monkeypatch, quick):
-    """The shipped config, paths and seed aside; --quick keeps its shape at a tenth of the steps."""
-    from dreamtune.toyworld import benchmark
+@pytest.fixture
+def trained_configs(tmp_path, monkeypatch) -> list:
+    """The configs ``train`` is called with; training itself is replaced by a stub."""
     from dreamtune.trainers import loop
 
-    seen = {}
+    seen = []
 
     def fake_train(cfg):
-        seen["cfg"] = cfg
+        seen.append(cfg)
         return type("Result", (), {"output_dir": str(tmp_path / "out")})()
 
     monkeypatch.setattr(loop, "train", fake_train)
+    return seen
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_benchmark_trains_dreambooth_with_its_shipped_recipe(tmp_path, trained_configs, quick):
+    """The shipped config, paths and seed aside; --quick keeps its shape at a tenth of the steps."""
+    from dreamtune.toyworld import benchmark
+
     benchmark.train_entry("dreambooth", tmp_path, tmp_path / "data", None, 7, quick, MODEL_DIR)
-    cfg = seen["cfg"]
+    [cfg] = trained_configs
     assert (cfg.train.seed, cfg.data.instance_dir, cfg.model.pretrained) == (7, str(tmp_path / "data"), str(MODEL_DIR))
     assert (cfg.train.max_steps, cfg.dreambooth.text_encoder_steps) == ((50, 25) if quick else (500, 250))
     assert cfg.dreambooth.train_text_encoder and cfg.validation.prompts == []
 
 
-def test_benchmark_points_every_source_of_the_prior_recipe_at_its_folder(tmp_path, monkeypatch):
+def test_benchmark_points_every_source_of_the_prior_recipe_at_its_folder(tmp_path, trained_configs):
     """The prior recipe trains each image twice (captioned, and as just the instance prompt): both sources move."""
     from dreamtune.data.sources import scan_records
     from dreamtune.toyworld import benchmark
-    from dreamtune.trainers import loop
 
-    seen = {}
-    monkeypatch.setattr(loop, "train", lambda cfg: seen.setdefault("cfg", cfg) and type(
-        "Result", (), {"output_dir": str(tmp_path / "out")})())
     data = benchmark.write_concept_folder(tmp_path / "data")
     (tmp_path / "class").mkdir()
     (tmp_path / "class" / "class-00000.png").touch()  # only counted here: training is faked
     benchmark.train_entry("dreambooth_prior", tmp_path, data, tmp_path / "class", 7, False, MODEL_DIR)
-    cfg = seen["cfg"]
+    [cfg] = trained_configs
     sources = cfg.data.source_configs()
     assert [(s.instance_dir, s.ignore_captions) for s in sources] == [(str(data), False), (str(data), True)]
     captions = sorted(r.caption for r in scan_records(cfg.data)[0])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 
@@ -69,7 +69,7 @@ def render_caption(base: str, rules: CaptionRules, rng: random.Random) -> str:
 
 def longest_caption(base: str, rules: CaptionRules) -> str:
     """``base`` with its prefix and suffix and every tag kept: the most a step can hand the text encoder."""
-    kept = CaptionRules(token=rules.token, class_name=rules.class_name, prefix=rules.prefix, suffix=rules.suffix)
+    kept = replace(rules, shuffle_tags=False, tag_dropout=0.0, caption_dropout=0.0)
     return render_caption(base, kept, random.Random(0))
 
 

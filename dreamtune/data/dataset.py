@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import replace
 from typing import Iterable
 
 import torch
 from torch.utils.data import Dataset
 
 from .buckets import assign_buckets
-from .caption_rules import CaptionRules, caption_rng, render_caption
+from .caption_rules import CaptionRules, caption_rng, longest_caption, render_caption
 from .config import DataConfig
 from .images import BadImageError, Transform, apply_transform, plan_transform, to_tensor
 from .latent_cache import LatentCache, LatentEncoder, latent_key
@@ -104,7 +103,7 @@ class ImageCaptionDataset(Dataset):
                     f"data.cache_text_embeddings needs fixed captions, but {record.origin} has tag shuffling or tag "
                     "dropout (data.shuffle_tags / data.tag_dropout); turn those off or set cache_text_embeddings=false"
                 )
-            captions.add(render_caption(record.caption, replace(rules, caption_dropout=0.0), random.Random(0)))
+            captions.add(longest_caption(record.caption, rules))
             if rules.caption_dropout:
                 captions.add("")
         return captions

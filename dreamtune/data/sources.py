@@ -172,8 +172,7 @@ def folder_records(
     for path, (size, problem) in zip(images, inspected):
         own, problem2 = (None, None) if source.ignore_captions else _read_sidecar(path, extensions)
         problem = problem or problem2
-        if not source.ignore_captions:
-            own = own or metadata.get(str(path.relative_to(root))) or None
+        own = own or metadata.get(str(path.relative_to(root))) or None  # metadata is empty with ignore_captions
         folder_repeats, folder_words = _repeat_folder(path, root)
         caption = base_caption(own, rules, fallback=folder_words)
         if problem is None and caption is None:
