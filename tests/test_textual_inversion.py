@@ -280,3 +280,38 @@ def test_placeholder_already_added_is_refused(tiny_model_dir, tmp_path):
 def test_empty_placeholder_fails_in_the_config(tiny_model_dir, tmp_path, token):
     with pytest.raises(ConfigError, match=r"'textual_inversion.placeholder_token': must be one new word"):
         ti_config(tiny_model_dir, tmp_path, f"textual_inversion.placeholder_token={token}")
+
+
+# -- data ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("random_flip", [False, True])
+def test_flip_follows_the_config(tiny_model_dir, tmp_path, monkeypatch, random_flip):
+    """diffusers' TI script always flips; here data.random_flip decides, as for every trainer.
+
+    An image dark on its left half is trained for 8 steps; every example the trainer draws is
+    recorded. Unflipped, the left half stays dark; flipped (with random_flip=true), it is light.
+    """
+    from PIL import Image
+
+    from dreamtune.data.dataset import ImageCaptionDataset
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = np.full((32, 32, 3), 255, dtype=np.uint8)
+    pixels[:, :16] = 0
+    Image.fromarray(pixels).save(folder / "half.png")
+    (folder / "half.txt").write_text("a photo of <sks>")
+    seen: list[torch.Tensor] = []
+    draw = ImageCaptionDataset.example
+
+    def recording(self, index, target=None):
+        example = draw(self, index, target)
+        seen.append(example["pixel_values"])
+        return example
+
+    monkeypatch.setattr(ImageCaptionDataset, "example", recording)
+    cfg = ti_config(tiny_model_dir, tmp_path / "out", f"data.instance_dir={folder}", f"data.random_flip={random_flip}",
+                    "data.num_workers=0", "train.max_steps=8", "train.batch_size=1", "train.save_every=0")
+    Trainer(cfg).run()
+    flipped = [bool(p[:, :, :16].mean() > p[:, :, 16:].mean()) for p in seen]
+    assert len(seen) >= 8
+    assert any(flipped) == random_flip, flipped
