@@ -92,6 +92,45 @@ def test_classifier_reads_fresh_renders(judge):
     assert min(scores.values()) >= 0.95, scores
 
 
+def test_classifier_training_examples_include_unlabelled_heads_for_no_shape():
+    """Empty images teach "none" and the background only; specks also their colour and place, never a size."""
+    from dreamtune.toyworld.classifier import HEADS, NO_SHAPE, UNKNOWN, judge_examples
+
+    images, labels = judge_examples(random.Random(0), 400)
+    none = labels["shape"] == HEADS["shape"].index(NO_SHAPE)
+    assert 20 < int(none.sum()) < 60 and len(images) == 400
+    assert (labels["size"][none] == UNKNOWN).all() and (labels["size"][~none] != UNKNOWN).all()
+    assert (labels["background"] != UNKNOWN).all()
+    empty = none & (labels["color"] == UNKNOWN)
+    assert 0 < int(empty.sum()) < int(none.sum())
+    assert ((labels["position"] == UNKNOWN) == (labels["color"] == UNKNOWN)).all()
+    for i in np.nonzero(empty.numpy())[0][:3]:  # one flat colour: the background
+        assert len(set(images[i].getdata())) == 1
+
+
+def test_speck_is_a_rendered_shape_a_few_pixels_across():
+    from dreamtune.toyworld.classifier import SPECK_EXTENT
+
+    scene = world.Scene("star", "red", "large", "center", "white")
+    sizes = {}
+    for name, extent in (("speck", SPECK_EXTENT[1]), ("small", world.SIZES["small"]), ("scene", None)):
+        mask = (np.asarray(world.render(scene, extent=extent)).astype(int) - world.BACKGROUNDS["white"]).any(-1)
+        sizes[name] = int(mask.any(0).sum())
+    assert sizes["speck"] <= 8 < 10 <= sizes["small"] < sizes["scene"], sizes
+
+
+@pytest.mark.slow
+def test_specks_the_base_draws_for_an_unknown_word_are_not_stars(judge):
+    """"a photo of diamond" (no colour, "diamond" alone) gives specks of a few pixels; the first judge,
+    which had to name a shape, called every one a star, so a TI word started from "diamond" scored as a star."""
+    from dreamtune.toyworld.benchmark import GENERATION, load_base
+    from dreamtune.toyworld.generate import generate
+
+    shapes = [p["shape"] for p in judge.predict(generate(load_base(MODEL_DIR), ["a photo of diamond"] * 16, 3,
+                                                         **GENERATION))]
+    assert "star" not in shapes and shapes.count("none") >= 12, shapes
+
+
 def test_classifier_refuses_other_labels(tmp_path):
     from dreamtune.toyworld.classifier import load_classifier
 
@@ -149,7 +188,7 @@ def test_base_model_places_a_shape_where_the_prompt_says(judge):
 def test_pretraining_writes_a_loadable_model_and_classifier(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from dreamtune.toyworld.pretrain import pretrain
+    from dreamtune.toyworld.pretrain import pretrain, retrain_judge
 
     small = {"images": 64, "vae_steps": 3, "vae_batch": 4, "classifier_steps": 2, "unet_steps": 2,
              "unet_batch": 4, "quality_per_prompt": 1, "shape_only_per_shape": 1}
@@ -162,6 +201,16 @@ def test_pretraining_writes_a_loadable_model_and_classifier(tmp_path):
     assert (tmp_path / "tw" / "classifier" / "classifier.safetensors").is_file()
     assert 0.0 <= report["held_out_quality"]["both"] <= 1.0
     assert report["shape_only_accuracy"] in {i / len(world.BASE_SHAPES) for i in range(len(world.BASE_SHAPES) + 1)}
+    assert set(report["classifier_on_vae_round_trips"]) == {"shape", "star_recall", "star_false", "no_shape"}
+
+    # --classifier-only: the same seed on the same VAE gives the same judge; the rest of the report is kept.
+    judge_file = tmp_path / "tw" / "classifier" / "classifier.safetensors"
+    first = judge_file.read_bytes()
+    judge_file.unlink()
+    again = retrain_judge(tmp_path / "tw", log=lambda m: None)
+    assert judge_file.read_bytes() == first
+    assert again["timings"]["denoiser_s"] == report["timings"]["denoiser_s"]
+    assert again["held_out_quality"] == report["held_out_quality"] and again["seed"] == 3
 
 
 @pytest.mark.slow

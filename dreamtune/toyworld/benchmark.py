@@ -24,13 +24,17 @@ CLASSIFIER_DIR = TOYWORLD_DIR / "classifier"
 TOKEN = "sks"
 TI_TOKEN = "<sks>"
 CONCEPT = "star"
+CONCEPT_COLOR = "red"
+#: What a sample must show to count as the subject: its shape and its colour (a DINO or CLIP-I score
+#: would fall for a star of another colour too). A modifier prompt replaces what it names.
+SUBJECT = {"shape": CONCEPT, "color": CONCEPT_COLOR}
 #: The four training images: one subject, a red star, in four places on three backgrounds (as a
 #: DreamBooth subject keeps its look). Blue and "top left" are left out so the modifier prompts test transfer.
 CONCEPT_SCENES = (
-    world.Scene(CONCEPT, "red", "large", "center", "white"),
-    world.Scene(CONCEPT, "red", "large", "top right", "white"),
-    world.Scene(CONCEPT, "red", "large", "bottom left", "gray"),
-    world.Scene(CONCEPT, "red", "large", "bottom right", "black"),
+    world.Scene(CONCEPT, CONCEPT_COLOR, "large", "center", "white"),
+    world.Scene(CONCEPT, CONCEPT_COLOR, "large", "top right", "white"),
+    world.Scene(CONCEPT, CONCEPT_COLOR, "large", "bottom left", "gray"),
+    world.Scene(CONCEPT, CONCEPT_COLOR, "large", "bottom right", "black"),
 )
 MODIFIER_PROMPTS = (("a photo of {t} in blue", {"color": "blue"}), ("a photo of {t}, top left", {"position": "top left"}))
 CONCEPT_PROMPT = "a photo of {t}"
@@ -109,7 +113,7 @@ def load_export(entry: str, model_dir: Path, final: Path):
 
 def evaluate_pipeline(pipe, judge, token: str, samples: int, seed: int) -> dict:
     """Concept fidelity, prompt fidelity per modifier, and accuracy on the base's prompts."""
-    cases = [(CONCEPT_PROMPT.format(t=token), {"shape": CONCEPT})] * samples
+    cases = [(CONCEPT_PROMPT.format(t=token), SUBJECT)] * samples
     for template, expected in MODIFIER_PROMPTS:
         cases += [(template.format(t=token), expected)] * samples
     cases += base_prompt_cases(samples)
@@ -121,7 +125,7 @@ def evaluate_pipeline(pipe, judge, token: str, samples: int, seed: int) -> dict:
         block = slice(start, start + samples)
         modifiers[template.format(t=token)] = {
             "honoured": score(predictions[block], [expected] * samples)["both"],
-            "honoured_as_concept": score(predictions[block], [{**expected, "shape": CONCEPT}] * samples)["both"],
+            "honoured_as_concept": score(predictions[block], [{**SUBJECT, **expected}] * samples)["both"],
         }
         start += samples
     base = score(predictions[start:], [e for _, e in cases[start:]])["both"]

@@ -1,7 +1,10 @@
 """A small CNN that reads a toy-world image back into its attributes: the benchmark's judge.
 
 It stands in for DINO/CLIP: it says which shape, colour, size, position and background a
-generated image shows, so fidelity is a share of correctly classified samples.
+generated image shows, so fidelity is a share of correctly classified samples. A judge that must
+name one of six shapes names one for anything, so it also learns "none": an empty background, or a
+speck too small for any shape to be read (without it, specks the base draws for colourless prompts
+were called stars).
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .world import ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, SIZES, Scene, random_scene, render, to_array
+from .world import (ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, RESOLUTION, SIZES, Scene, random_scene, render,
+                    to_array)
 
+#: The shape label of an image that shows no legible shape.
+NO_SHAPE = "none"
 HEADS = {
-    "shape": list(ALL_SHAPES),
+    "shape": [*ALL_SHAPES, NO_SHAPE],
     "color": list(COLORS),
     "size": list(SIZES),
     "position": list(POSITIONS),
@@ -55,6 +61,14 @@ class ToyClassifier(nn.Module):
 
 
 
+#: Share of the judge's training images that show no legible shape (half empty, half a speck).
+NO_SHAPE_SHARE = 0.1
+#: A speck's extent, as a share of the image side: 2-7 px at 32 px, where "small" is 9-11 px.
+SPECK_EXTENT = (0.06, 0.22)
+#: cross_entropy's ignore_index: the heads an image cannot answer (an empty image has no colour).
+UNKNOWN = -100
+
+
 def labels_of(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     return {name: torch.tensor([values.index(getattr(s, name)) for s in scenes]) for name, values in HEADS.items()}
 
@@ -62,6 +76,32 @@ def labels_of(scenes: list[Scene]) -> dict[str, torch.Tensor]:
 def judge_scenes(rng: random.Random, count: int) -> list[Scene]:
     """Scenes over every shape (the new ones too) and every combination: the judge must know them all."""
     return [random_scene(rng, ALL_SHAPES, held_out=frozenset()) for _ in range(count)]
+
+
+def render_no_shape(scene: Scene, rng: random.Random, empty: bool) -> tuple[Image.Image, dict[str, int]]:
+    """An image with no legible shape, and its labels: the background (and a speck's colour and place)."""
+    labels = {name: UNKNOWN for name in HEADS}
+    labels["shape"] = HEADS["shape"].index(NO_SHAPE)
+    labels["background"] = HEADS["background"].index(scene.background)
+    if empty:
+        return Image.new("RGB", (RESOLUTION, RESOLUTION), BACKGROUNDS[scene.background]), labels
+    labels["color"] = HEADS["color"].index(scene.color)
+    labels["position"] = HEADS["position"].index(scene.position)
+    return render(scene, jitter=rng, extent=rng.uniform(*SPECK_EXTENT)), labels
+
+
+def judge_examples(rng: random.Random, count: int, no_shape_share: float = NO_SHAPE_SHARE
+                   ) -> tuple[list[Image.Image], dict[str, torch.Tensor]]:
+    """Rendered training images with their labels: scenes of every shape, and ``no_shape_share`` without one."""
+    images, labels = [], []
+    for scene in judge_scenes(rng, count):
+        if rng.random() < no_shape_share:
+            image, label = render_no_shape(scene, rng, empty=rng.random() < 0.5)
+        else:
+            image, label = render(scene, jitter=rng), {k: v.item() for k, v in labels_of([scene]).items()}
+        images.append(image)
+        labels.append(label)
+    return images, {name: torch.tensor([label[name] for label in labels]) for name in HEADS}
 
 
 def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, degrade=None, log=print,
@@ -75,16 +115,15 @@ def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, degrade
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     model.train()
     for step in range(steps):
-        scenes = judge_scenes(rng, batch)
-        x = torch.from_numpy(to_array([render(s, jitter=rng) for s in scenes]))
+        images, targets = judge_examples(rng, batch)
+        x = torch.from_numpy(to_array(images))
         if degrade is not None:
             half = batch // 2
             with torch.no_grad():
                 x[:half] = degrade(x[:half]).clamp(-1, 1)
         x = x + 0.04 * torch.randn_like(x)
         out = model(x.to(device))
-        targets = labels_of(scenes)
-        loss = sum(nn.functional.cross_entropy(out[k], targets[k].to(device)) for k in HEADS)
+        loss = sum(nn.functional.cross_entropy(out[k], targets[k].to(device), ignore_index=UNKNOWN) for k in HEADS)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -95,11 +134,43 @@ def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, degrade
 
 
 def accuracy(model: ToyClassifier, seed: int = 123, count: int = 1000) -> dict[str, float]:
-    """Per-attribute accuracy on fresh rendered scenes."""
+    """Per-attribute accuracy on fresh rendered scenes; ``no_shape``: the share of empty images and
+    specks (``count`` // 5 of them) read as no shape."""
     rng = random.Random(seed)
     scenes = judge_scenes(rng, count)
     preds = model.predict([render(s, jitter=rng) for s in scenes])
-    return {k: float(np.mean([p[k] == getattr(s, k) for p, s in zip(preds, scenes)])) for k in HEADS}
+    scores = {k: float(np.mean([p[k] == getattr(s, k) for p, s in zip(preds, scenes)])) for k in HEADS}
+    blanks = [render_no_shape(s, rng, empty=i % 2 == 0)[0] for i, s in enumerate(judge_scenes(rng, count // 5))]
+    scores["no_shape"] = float(np.mean([p["shape"] == NO_SHAPE for p in model.predict(blanks)]))
+    return scores
+
+
+@torch.no_grad()
+def round_trip_scores(model: ToyClassifier, degrade, seed: int = 321, count: int = 1000) -> dict[str, float]:
+    """How the judge reads ``degrade``d (VAE round-tripped) fresh renders, the best a sample can look.
+
+    ``shape``: read right; ``star_recall``: stars read as stars; ``star_false``: other shapes read
+    as stars; ``no_shape``: empty images and specks read as no shape.
+    """
+    from .world import NEW_SHAPES
+
+    rng = random.Random(seed)
+    scenes = judge_scenes(rng, count)
+    blanks = [render_no_shape(s, rng, empty=i % 2 == 0)[0] for i, s in enumerate(judge_scenes(rng, count // 5))]
+
+    def read(images):
+        x = degrade(torch.from_numpy(to_array(images))).clamp(-1, 1)
+        pixels = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        return model.predict([Image.fromarray(p) for p in pixels])
+
+    shapes = [p["shape"] for p in read([render(s, jitter=rng) for s in scenes])]
+    new = [s.shape in NEW_SHAPES for s in scenes]
+    return {
+        "shape": float(np.mean([p == s.shape for p, s in zip(shapes, scenes)])),
+        "star_recall": float(np.mean([p == s.shape for p, s, n in zip(shapes, scenes, new) if n])),
+        "star_false": float(np.mean([p in NEW_SHAPES for p, n in zip(shapes, new) if not n])),
+        "no_shape": float(np.mean([p["shape"] == NO_SHAPE for p in read(blanks)])),
+    }
 
 
 def save_classifier(model: ToyClassifier, folder: str | Path) -> Path:

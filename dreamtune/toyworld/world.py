@@ -77,13 +77,17 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"unknown toy-world shape {shape!r}; known: {', '.join(ALL_SHAPES)}")
 
 
-def render(scene: Scene, resolution: int = RESOLUTION, jitter: random.Random | None = None) -> Image.Image:
-    """Draw ``scene`` (anti-aliased); ``jitter`` moves and scales the shape slightly."""
+def render(scene: Scene, resolution: int = RESOLUTION, jitter: random.Random | None = None,
+           extent: float | None = None) -> Image.Image:
+    """Draw ``scene`` (anti-aliased); ``jitter`` moves and scales the shape slightly.
+
+    ``extent`` (a share of the image side) replaces the scene's size: the classifier's specks.
+    """
     big = resolution * SUPERSAMPLE
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     fx, fy = POSITIONS[scene.position]
-    r = SIZES[scene.size] * big / 2
+    r = (SIZES[scene.size] if extent is None else extent) * big / 2
     if jitter is not None:
         fx += jitter.uniform(-0.04, 0.04)
         fy += jitter.uniform(-0.04, 0.04)
