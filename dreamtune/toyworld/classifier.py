@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from .world import (ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, RESOLUTION, SIZES, Scene, random_scene, render,
-                    to_array)
+from .world import (ALL_SHAPES, BACKGROUNDS, COLORS, NEW_SHAPES, POSITIONS, RESOLUTION, SIZES, Scene, random_scene,
+                    render, to_array)
 
 #: The shape label of an image that shows no legible shape.
 NO_SHAPE = "none"
@@ -69,8 +70,9 @@ SPECK_EXTENT = (0.06, 0.22)
 UNKNOWN = -100
 
 
-def labels_of(scenes: list[Scene]) -> dict[str, torch.Tensor]:
-    return {name: torch.tensor([values.index(getattr(s, name)) for s in scenes]) for name, values in HEADS.items()}
+def scene_labels(scene: Scene) -> dict[str, int]:
+    """Each head's label index for a rendered scene."""
+    return {name: values.index(getattr(scene, name)) for name, values in HEADS.items()}
 
 
 def judge_scenes(rng: random.Random, count: int) -> list[Scene]:
@@ -98,10 +100,15 @@ def judge_examples(rng: random.Random, count: int, no_shape_share: float = NO_SH
         if rng.random() < no_shape_share:
             image, label = render_no_shape(scene, rng, empty=rng.random() < 0.5)
         else:
-            image, label = render(scene, jitter=rng), {k: v.item() for k, v in labels_of([scene]).items()}
+            image, label = render(scene, jitter=rng), scene_labels(scene)
         images.append(image)
         labels.append(label)
     return images, {name: torch.tensor([label[name] for label in labels]) for name in HEADS}
+
+
+def no_shape_images(rng: random.Random, count: int) -> list[Image.Image]:
+    """``count`` images without a legible shape, empty and speck in turn (for the judge's scores)."""
+    return [render_no_shape(s, rng, empty=i % 2 == 0)[0] for i, s in enumerate(judge_scenes(rng, count))]
 
 
 def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, degrade=None, log=print,
@@ -140,9 +147,14 @@ def accuracy(model: ToyClassifier, seed: int = 123, count: int = 1000) -> dict[s
     scenes = judge_scenes(rng, count)
     preds = model.predict([render(s, jitter=rng) for s in scenes])
     scores = {k: float(np.mean([p[k] == getattr(s, k) for p, s in zip(preds, scenes)])) for k in HEADS}
-    blanks = [render_no_shape(s, rng, empty=i % 2 == 0)[0] for i, s in enumerate(judge_scenes(rng, count // 5))]
+    blanks = no_shape_images(rng, count // 5)
     scores["no_shape"] = float(np.mean([p["shape"] == NO_SHAPE for p in model.predict(blanks)]))
     return scores
+
+
+def vae_round_trip(vae, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Images in [-1, 1] -> the VAE's reconstruction of them, on the CPU: the judge's ``degrade``."""
+    return lambda x: vae(x.to(device)).sample.cpu()
 
 
 @torch.no_grad()
@@ -152,11 +164,9 @@ def round_trip_scores(model: ToyClassifier, degrade, seed: int = 321, count: int
     ``shape``: read right; ``star_recall``: stars read as stars; ``star_false``: other shapes read
     as stars; ``no_shape``: empty images and specks read as no shape.
     """
-    from .world import NEW_SHAPES
-
     rng = random.Random(seed)
     scenes = judge_scenes(rng, count)
-    blanks = [render_no_shape(s, rng, empty=i % 2 == 0)[0] for i, s in enumerate(judge_scenes(rng, count // 5))]
+    blanks = no_shape_images(rng, count // 5)
 
     def read(images):
         x = degrade(torch.from_numpy(to_array(images))).clamp(-1, 1)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..trainers.tiny_model import TINY_RECIPE, assemble_pipeline, clip_text_encoder, learn_bpe
 from . import world
-from .classifier import accuracy, round_trip_scores, save_classifier, train_classifier
+from .classifier import accuracy, round_trip_scores, save_classifier, train_classifier, vae_round_trip
 
 TOY_RECIPE = {
     "resolution": world.RESOLUTION,
@@ -251,8 +251,8 @@ def pretrain(out_dir: str | Path, seed: int = 0, overrides: dict | None = None, 
 
 def train_judge(vae, out: Path, recipe: dict, seed: int, log, device: str):
     """Train the classifier on renders and on the VAE's round trips of them; save it under ``out``/classifier."""
-    judge = train_classifier(seed, recipe["classifier_steps"], degrade=lambda x: vae(x.to(device)).sample.cpu(),
-                             log=log, device=device)
+    judge = train_classifier(seed, recipe["classifier_steps"], degrade=vae_round_trip(vae, device), log=log,
+                             device=device)
     save_classifier(judge, out / "classifier")
     judge_acc = accuracy(judge)
     log(f"classifier accuracy on fresh renders: {judge_acc}")
@@ -268,8 +268,7 @@ def write_report(pipe, judge, report: dict, out: Path, log) -> dict:
     quality = classify_prompts(pipe, judge, held_out_prompts(), per_prompt=recipe["quality_per_prompt"],
                                seed=seed + 1000, **GENERATION)
     shape_only = shape_only_accuracy(pipe, judge, recipe["shape_only_per_shape"], seed=seed + 2000)
-    with torch.no_grad():
-        round_trips = round_trip_scores(judge, lambda x: pipe.vae(x.to(pipe.device)).sample.cpu())
+    round_trips = round_trip_scores(judge, vae_round_trip(pipe.vae, pipe.device))
     log(f"classifier on VAE round trips of fresh renders: {round_trips}")
     report = {**report, "held_out_quality": quality, "shape_only_accuracy": shape_only,
               "classifier_on_vae_round_trips": round_trips}
