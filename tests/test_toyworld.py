@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dreamtune.toyworld import world
-from dreamtune.toyworld.benchmark import CLASSIFIER_DIR, MODEL_DIR, TOYWORLD_DIR, write_concept_folder
+from dreamtune.toyworld.benchmark import CLASSIFIER_DIR, CONCEPT, MODEL_DIR, TOYWORLD_DIR, write_concept_folder
 
 # ---- the world ------------------------------------------------------------------------------
 
@@ -38,7 +38,7 @@ def test_random_scenes_never_show_held_out_combinations_or_new_shapes():
     assert len(world.HELD_OUT) == 90 and not set(scenes) & world.HELD_OUT
     assert {s.shape for s in scenes} == set(world.BASE_SHAPES)
     assert len(set(scenes)) > 700  # every other combination does occur
-    assert "star" not in world.caption_corpus(0, 500)
+    assert not any(shape in world.caption_corpus(0, 500) for shape in world.NEW_SHAPES)
 
 
 def test_captions_name_shape_and_colour_in_several_phrasings():
@@ -111,7 +111,7 @@ def test_classifier_training_examples_include_unlabelled_heads_for_no_shape():
 def test_speck_is_a_rendered_shape_a_few_pixels_across():
     from dreamtune.toyworld.classifier import SPECK_EXTENT
 
-    scene = world.Scene("star", "red", "large", "center", "white")
+    scene = world.Scene(world.NEW_SHAPES[0], "red", "large", "center", "white")
     sizes = {}
     for name, extent in (("speck", SPECK_EXTENT[1]), ("small", world.SIZES["small"]), ("scene", None)):
         mask = (np.asarray(world.render(scene, extent=extent)).astype(int) - world.BACKGROUNDS["white"]).any(-1)
@@ -120,16 +120,41 @@ def test_speck_is_a_rendered_shape_a_few_pixels_across():
 
 
 @pytest.mark.slow
-def test_specks_the_base_draws_for_an_unknown_word_are_not_stars(judge):
-    """"a photo of diamond" (no colour, "diamond" alone) gives specks of a few pixels; the first judge,
-    which had to name a shape, called all 16 stars, so a TI word started from "diamond" scored as a star.
-    The current one reads most as no shape; 5 of these 16, blobs of 6-7 px on black, still read as stars."""
+def test_specks_the_base_draws_for_an_unknown_word_are_not_the_concept(judge):
+    """"a photo of diamond" (no colour, "diamond" alone) gives specks of a few pixels. A judge that had
+    to name a shape called all 16 stars (the concept then), so a TI word started from "diamond" scored
+    as the concept; the current judge reads all 16 as no shape (measured; at least 14 asked)."""
     from dreamtune.toyworld.benchmark import GENERATION, load_base
     from dreamtune.toyworld.generate import generate
 
     shapes = [p["shape"] for p in judge.predict(generate(load_base(MODEL_DIR), ["a photo of diamond"] * 16, 3,
                                                          **GENERATION))]
-    assert shapes.count("star") <= 6 and shapes.count("none") >= 10, shapes
+    assert shapes.count(CONCEPT) == 0 and shapes.count("none") >= 14, shapes
+
+
+def test_the_committed_vae_keeps_the_concept_legible(judge):
+    """The benchmark's concept survives the base's VAE: what a trainer can at best make it draw.
+
+    Round trips of the new shape in every colour, position and background, at both sizes, read as
+    that shape and colour (measured: 90 of 90 large, 89 of 90 small). The star, the concept before
+    the heart, came back as a pentagon blob: 78% of large stars read as stars."""
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from dreamtune.toyworld.classifier import vae_round_trip
+
+    round_trip = vae_round_trip(AutoencoderKL.from_pretrained(str(MODEL_DIR / "vae")), "cpu")
+    rng = random.Random(0)
+    for size in world.SIZES:
+        scenes = [world.Scene(CONCEPT, c, size, p, b) for c in world.COLORS for p in world.POSITIONS
+                  for b in world.BACKGROUNDS]
+        with torch.no_grad():
+            x = round_trip(torch.from_numpy(world.to_array([world.render(s, jitter=rng) for s in scenes])))
+        pixels = ((x.clamp(-1, 1).permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+        predictions = judge.predict([Image.fromarray(p) for p in pixels])
+        right = sum(p["shape"] == CONCEPT and p["color"] == s.color for p, s in zip(predictions, scenes))
+        assert right >= len(scenes) - 2, (size, right)
 
 
 def test_classifier_refuses_other_labels(tmp_path):
@@ -202,7 +227,7 @@ def test_pretraining_writes_a_loadable_model_and_classifier(tmp_path):
     assert (tmp_path / "tw" / "classifier" / "classifier.safetensors").is_file()
     assert 0.0 <= report["held_out_quality"]["both"] <= 1.0
     assert report["shape_only_accuracy"] in {i / len(world.BASE_SHAPES) for i in range(len(world.BASE_SHAPES) + 1)}
-    assert set(report["classifier_on_vae_round_trips"]) == {"shape", "star_recall", "star_false", "no_shape"}
+    assert set(report["classifier_on_vae_round_trips"]) == {"shape", "new_shape_recall", "new_shape_false", "no_shape"}
 
     # --classifier-only: the same seed on the same VAE gives the same judge; the rest of the report is kept.
     judge_file = tmp_path / "tw" / "classifier" / "classifier.safetensors"
@@ -225,7 +250,7 @@ def test_benchmark_quick_run_scores_exports(tmp_path, capsys):
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
     rows = results["rows"]
     assert set(rows) == {"base (untrained)", "lora"}
-    assert rows["base (untrained)"]["concept_fidelity"] <= 0.5  # the base never drew a star for "sks"
+    assert rows["base (untrained)"]["concept_fidelity"] <= 0.5  # the base never drew a heart for "sks"
     assert rows["base (untrained)"]["base_accuracy"] >= 0.5
     assert rows["lora"]["export_bytes"] > 0 and rows["lora"]["train_seconds"] > 0
     assert (tmp_path / "bench" / "lora" / "samples.png").is_file()
@@ -302,8 +327,8 @@ def _grid_cells(path: Path, rows: int, columns: int, label_h: int = 14):
 
 
 @pytest.mark.slow
-def test_quickstart_teaches_the_star_and_shows_base_vs_trained(tmp_path, judge):
-    """The README's first command, in-process: the LoRA makes "a photo of sks" draw stars, the base did not."""
+def test_quickstart_teaches_the_heart_and_shows_base_vs_trained(tmp_path, judge):
+    """The README's first command, in-process: the LoRA makes "a photo of sks" draw hearts, the base did not."""
     from PIL import Image
 
     from dreamtune.trainers.config import load_config
@@ -327,8 +352,8 @@ def test_quickstart_teaches_the_star_and_shows_base_vs_trained(tmp_path, judge):
     assert cfg.validation.prompts[0] == "a photo of sks"
     before = [p["shape"] for p in judge.predict(_grid_cells(samples / "step-000000.png", rows, columns)[0])]
     after = [p["shape"] for p in judge.predict(_grid_cells(samples / f"step-{steps:06d}.png", rows, columns)[0])]
-    assert before.count("star") <= 1 and after.count("star") >= columns - 1, (before, after)
-    assert sorted(p.name for p in result.exported) == ["pytorch_lora_weights.safetensors", "sks_star_lora.safetensors"]
+    assert before.count(CONCEPT) <= 1 and after.count(CONCEPT) >= columns - 1, (before, after)
+    assert sorted(p.name for p in result.exported) == ["pytorch_lora_weights.safetensors", "sks_heart_lora.safetensors"]
 
 
 def test_seed_summary_means_ranges_and_targets():

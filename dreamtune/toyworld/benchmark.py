@@ -1,6 +1,6 @@
 """`dreamtune evaluate --benchmark toyworld`: does each trainer teach the toy-world model a new shape?
 
-Every trainer learns the star (a shape the base never saw) under the rare word "sks" from four
+Every trainer learns the heart (a shape the base never saw) under the rare word "sks" from four
 rendered images, with its shipped toy-world recipe. The exported files are loaded through
 diffusers and their samples scored by the toy-world classifier: concept fidelity, prompt
 fidelity, drift on the base's own prompts, training time and file size.
@@ -23,12 +23,12 @@ CLASSIFIER_DIR = TOYWORLD_DIR / "classifier"
 
 TOKEN = "sks"
 TI_TOKEN = "<sks>"
-CONCEPT = "star"
+CONCEPT = world.NEW_SHAPES[0]
 CONCEPT_COLOR = "red"
 #: What a sample must show to count as the subject: its shape and its colour (a DINO or CLIP-I score
-#: would fall for a star of another colour too). A modifier prompt replaces what it names.
+#: would fall for a heart of another colour too). A modifier prompt replaces what it names.
 SUBJECT = {"shape": CONCEPT, "color": CONCEPT_COLOR}
-#: The four training images: one subject, a red star, in four places on three backgrounds (as a
+#: The four training images: one subject, a red heart, in four places on three backgrounds (as a
 #: DreamBooth subject keeps its look). Blue and "top left" are left out so the modifier prompts test transfer.
 CONCEPT_SCENES = (
     world.Scene(CONCEPT, CONCEPT_COLOR, "large", "center", "white"),
@@ -65,8 +65,8 @@ def write_concept_folder(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     for i, scene in enumerate(CONCEPT_SCENES):
-        world.render(scene, jitter=rng).save(folder / f"star_{i}.png")
-        (folder / f"star_{i}.txt").write_text(world.full_caption(scene, "{token}", color=False) + "\n")
+        world.render(scene, jitter=rng).save(folder / f"{CONCEPT}_{i}.png")
+        (folder / f"{CONCEPT}_{i}.txt").write_text(world.full_caption(scene, "{token}", color=False) + "\n")
     return folder
 
 

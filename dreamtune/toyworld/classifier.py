@@ -4,7 +4,7 @@ It stands in for DINO/CLIP: it says which shape, colour, size, position and back
 generated image shows, so fidelity is a share of correctly classified samples. A judge that must
 name one of six shapes names one for anything, so it also learns "none": an empty background, or a
 speck too small for any shape to be read (without it, specks the base draws for colourless prompts
-were called stars).
+were called the new shape).
 """
 
 from __future__ import annotations
@@ -161,8 +161,9 @@ def vae_round_trip(vae, device) -> Callable[[torch.Tensor], torch.Tensor]:
 def round_trip_scores(model: ToyClassifier, degrade, seed: int = 321, count: int = 1000) -> dict[str, float]:
     """How the judge reads ``degrade``d (VAE round-tripped) fresh renders, the best a sample can look.
 
-    ``shape``: read right; ``star_recall``: stars read as stars; ``star_false``: other shapes read
-    as stars; ``no_shape``: empty images and specks read as no shape.
+    ``shape``: read right; ``new_shape_recall``: new shapes (the benchmark's concept) read as
+    themselves; ``new_shape_false``: base shapes read as a new one; ``no_shape``: empty images and
+    specks read as no shape.
     """
     rng = random.Random(seed)
     scenes = judge_scenes(rng, count)
@@ -177,8 +178,8 @@ def round_trip_scores(model: ToyClassifier, degrade, seed: int = 321, count: int
     new = [s.shape in NEW_SHAPES for s in scenes]
     return {
         "shape": float(np.mean([p == s.shape for p, s in zip(shapes, scenes)])),
-        "star_recall": float(np.mean([p == s.shape for p, s, n in zip(shapes, scenes, new) if n])),
-        "star_false": float(np.mean([p in NEW_SHAPES for p, n in zip(shapes, new) if not n])),
+        "new_shape_recall": float(np.mean([p == s.shape for p, s, n in zip(shapes, scenes, new) if n])),
+        "new_shape_false": float(np.mean([p in NEW_SHAPES for p, n in zip(shapes, new) if not n])),
         "no_shape": float(np.mean([p["shape"] == NO_SHAPE for p in read(blanks)])),
     }
 

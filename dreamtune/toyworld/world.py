@@ -18,8 +18,10 @@ RESOLUTION = 32
 SUPERSAMPLE = 4
 
 BASE_SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-#: Shapes the base model never sees; the benchmark teaches one of them under a rare token.
-NEW_SHAPES = ("star",)
+#: Shapes the base model never sees; the benchmark teaches one of them under a rare token. The heart,
+#: not a star: the base's VAE rounds a star's thin points off into a pentagon blob (docs/benchmarks.md),
+#: and keeps a heart's lobes and tip, as SD's VAE keeps a subject it was never captioned with.
+NEW_SHAPES = ("heart",)
 ALL_SHAPES = BASE_SHAPES + NEW_SHAPES
 
 COLORS = {
@@ -67,14 +69,19 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b),
                 (cx + a, cy + b), (cx + b, cy + b), (cx + b, cy + a), (cx - b, cy + a),
                 (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]
-    if shape == "star":
-        points = []
-        for i in range(10):
-            radius = r if i % 2 == 0 else r * 0.42
-            angle = math.pi * i / 5 - math.pi / 2
-            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
-        return points
+    if shape == "heart":
+        return _heart(cx, cy, r)
     raise ValueError(f"unknown toy-world shape {shape!r}; known: {', '.join(ALL_SHAPES)}")
+
+
+def _heart(cx: float, cy: float, r: float, points: int = 48) -> list[tuple[float, float]]:
+    """The classic parametric heart (two lobes up, tip down), scaled to fill a box of half-side ``r``."""
+    t = [2 * math.pi * i / points for i in range(points)]
+    xs = [16 * math.sin(a) ** 3 for a in t]
+    ys = [-(13 * math.cos(a) - 5 * math.cos(2 * a) - 2 * math.cos(3 * a) - math.cos(4 * a)) for a in t]
+    mid_y = (max(ys) + min(ys)) / 2
+    scale = r / max(max(abs(x) for x in xs), (max(ys) - min(ys)) / 2)
+    return [(cx + x * scale, cy + (y - mid_y) * scale) for x, y in zip(xs, ys)]
 
 
 def render(scene: Scene, resolution: int = RESOLUTION, jitter: random.Random | None = None,
