@@ -2,7 +2,7 @@
 
     python scripts/pretrain_toyworld.py --out examples/toyworld --seed 0
     python scripts/pretrain_toyworld.py --out runs/toyworld --device cuda   # same data, other arithmetic: other weights
-    python scripts/pretrain_toyworld.py --classifier-only   # retrain the judge on the committed VAE (~6 min)
+    python scripts/pretrain_toyworld.py --classifier-only   # retrain the judge on the committed VAE (~10 min)
 
 Writes <out>/model (SD 1.x diffusers folder, safetensors), <out>/classifier and
 <out>/pretrain_report.json (timings, classifier accuracy, held-out prompt quality).

@@ -111,7 +111,7 @@ def test_classifier_training_examples_include_unlabelled_heads_for_no_shape():
 def test_speck_is_a_rendered_shape_a_few_pixels_across():
     from dreamtune.toyworld.classifier import SPECK_EXTENT
 
-    scene = world.Scene(world.NEW_SHAPES[0], "red", "large", "center", "white")
+    scene = world.Scene(CONCEPT, "red", "large", "center", "white")
     sizes = {}
     for name, extent in (("speck", SPECK_EXTENT[1]), ("small", world.SIZES["small"]), ("scene", None)):
         mask = (np.asarray(world.render(scene, extent=extent)).astype(int) - world.BACKGROUNDS["white"]).any(-1)
@@ -138,21 +138,16 @@ def test_the_committed_vae_keeps_the_concept_legible(judge):
     Round trips of the new shape in every colour, position and background, at both sizes, read as
     that shape and colour (measured: 90 of 90 large, 89 of 90 small). The star, the concept before
     the heart, came back as a pentagon blob: 78% of large stars read as stars."""
-    import torch
     from diffusers import AutoencoderKL
-    from PIL import Image
 
-    from dreamtune.toyworld.classifier import vae_round_trip
+    from dreamtune.toyworld.classifier import predict_round_trips, vae_round_trip
 
     round_trip = vae_round_trip(AutoencoderKL.from_pretrained(str(MODEL_DIR / "vae")), "cpu")
     rng = random.Random(0)
     for size in world.SIZES:
         scenes = [world.Scene(CONCEPT, c, size, p, b) for c in world.COLORS for p in world.POSITIONS
                   for b in world.BACKGROUNDS]
-        with torch.no_grad():
-            x = round_trip(torch.from_numpy(world.to_array([world.render(s, jitter=rng) for s in scenes])))
-        pixels = ((x.clamp(-1, 1).permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
-        predictions = judge.predict([Image.fromarray(p) for p in pixels])
+        predictions = predict_round_trips(judge, round_trip, [world.render(s, jitter=rng) for s in scenes])
         right = sum(p["shape"] == CONCEPT and p["color"] == s.color for p, s in zip(predictions, scenes))
         assert right >= len(scenes) - 2, (size, right)
 

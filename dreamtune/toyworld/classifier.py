@@ -158,6 +158,14 @@ def vae_round_trip(vae, device) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 @torch.no_grad()
+def predict_round_trips(model: ToyClassifier, degrade, images: list[Image.Image]) -> list[dict[str, str]]:
+    """The judge's reading of ``images`` after ``degrade`` (a VAE round trip), as 8-bit images again."""
+    x = degrade(torch.from_numpy(to_array(images))).clamp(-1, 1)
+    pixels = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    return model.predict([Image.fromarray(p) for p in pixels])
+
+
+@torch.no_grad()
 def round_trip_scores(model: ToyClassifier, degrade, seed: int = 321, count: int = 1000) -> dict[str, float]:
     """How the judge reads ``degrade``d (VAE round-tripped) fresh renders, the best a sample can look.
 
@@ -168,19 +176,13 @@ def round_trip_scores(model: ToyClassifier, degrade, seed: int = 321, count: int
     rng = random.Random(seed)
     scenes = judge_scenes(rng, count)
     blanks = no_shape_images(rng, count // 5)
-
-    def read(images):
-        x = degrade(torch.from_numpy(to_array(images))).clamp(-1, 1)
-        pixels = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        return model.predict([Image.fromarray(p) for p in pixels])
-
-    shapes = [p["shape"] for p in read([render(s, jitter=rng) for s in scenes])]
+    shapes = [p["shape"] for p in predict_round_trips(model, degrade, [render(s, jitter=rng) for s in scenes])]
     new = [s.shape in NEW_SHAPES for s in scenes]
     return {
         "shape": float(np.mean([p == s.shape for p, s in zip(shapes, scenes)])),
         "new_shape_recall": float(np.mean([p == s.shape for p, s, n in zip(shapes, scenes, new) if n])),
         "new_shape_false": float(np.mean([p in NEW_SHAPES for p, n in zip(shapes, new) if not n])),
-        "no_shape": float(np.mean([p["shape"] == NO_SHAPE for p in read(blanks)])),
+        "no_shape": float(np.mean([p["shape"] == NO_SHAPE for p in predict_round_trips(model, degrade, blanks)])),
     }
 
 
