@@ -33,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
+    if getattr(args, "checks_environment", True):  # every command that loads models
+        from .commands.common import fail
+        from .compat import check_environment
+        from .errors import EnvironmentProblem
+
+        try:
+            check_environment()
+        except EnvironmentProblem as err:
+            return fail(str(err))
     return args.func(args)
 
 

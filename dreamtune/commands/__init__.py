@@ -1,4 +1,4 @@
 """One module per `dreamtune` subcommand; each exposes ``register(subparsers)``."""
 
 #: Subcommand modules, in the order `dreamtune --help` lists them.
-COMMAND_MODULES = ["train", "sample", "tiny", "blend", "merge_lora", "convert", "inspect_cmd", "caption", "evaluate"]
+COMMAND_MODULES = ["train", "sample", "tiny", "blend", "merge_lora", "convert", "inspect_cmd", "caption", "evaluate", "doctor"]

@@ -41,4 +41,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="a .safetensors file (or .ckpt/.pt with --allow-pickle) or a diffusers folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (torch weights_only load)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, checks_environment=False)  # reads files only
