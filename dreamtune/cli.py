@@ -8,6 +8,9 @@ import os
 import sys
 
 from .commands import COMMAND_MODULES
+from .commands.common import fail
+from .compat import check_environment
+from .errors import DreamtuneError
 
 
 def _quiet_libraries() -> None:
@@ -31,18 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A DreamtuneError (the user can act on it) prints as one line; any other
+    exception is a bug and keeps its traceback."""
     _quiet_libraries()
     args = build_parser().parse_args(argv)
-    if getattr(args, "checks_environment", True):  # every command that loads models
-        from .commands.common import fail
-        from .compat import check_environment
-        from .errors import EnvironmentProblem
-
-        try:
+    try:
+        if getattr(args, "checks_environment", True):  # every command that loads models
             check_environment()
-        except EnvironmentProblem as err:
-            return fail(str(err))
-    return args.func(args)
+        return args.func(args)
+    except DreamtuneError as err:
+        return fail(str(err), code=getattr(err, "exit_code", 2))
 
 
 if __name__ == "__main__":

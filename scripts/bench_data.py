@@ -74,8 +74,8 @@ def bench_loader(folder: Path, workers: int, batch_size: int, bucketing: bool) -
 def bench_training(folder: Path, model_dir: Path, out: Path, cache: str, text_cache: bool, steps: int,
                    workers: int) -> dict:
     from dreamtune.data import loader as data_loader
-    from dreamtune.trainers import loop
-    from dreamtune.trainers.config import load_config
+    from dreamtune.training import loop
+    from dreamtune.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / "tiny_lora.yaml", [
@@ -119,8 +119,8 @@ def bench_encoders(model_dir: Path, batch: int = 2, resolution: int = 64, repeat
     """Fastest-of-N ms for what the two caches skip each step: the VAE encode and the text-encoder forward."""
     import torch
 
-    from dreamtune.trainers.config import ModelConfig
-    from dreamtune.trainers.models import load_base_model
+    from dreamtune.config import ModelConfig
+    from dreamtune.models.loading import load_base_model
 
     m = load_base_model(ModelConfig(pretrained=str(model_dir)))
     pixels = torch.randn(batch, 3, resolution, resolution)
@@ -148,7 +148,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    from dreamtune.trainers.tiny_model import save_tiny_model
+    from dreamtune.models.tiny import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

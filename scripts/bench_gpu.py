@@ -77,8 +77,8 @@ def child(case: str, model: str, data: str, out: str, steps: int, resolution: in
     """Run one case and print its measurements as JSON on the last line."""
     import torch
 
-    from dreamtune.trainers.config import load_config
-    from dreamtune.trainers.loop import Trainer
+    from dreamtune.config import load_config
+    from dreamtune.training.loop import Trainer
 
     recipe, extra = CASES[case]
     overrides = [f"model.pretrained={model}", f"data.instance_dir={data}", f"output.dir={out}",

@@ -15,8 +15,8 @@ CONFIGS = {"lora": "tiny_lora.yaml", "dreambooth": "tiny_dreambooth.yaml", "text
 
 def child(trainer: str, model: str, out: str, steps: int) -> None:
     """Run one trainer and print its timing as JSON (setup excluded from steps/s)."""
-    from dreamtune.trainers.config import load_config
-    from dreamtune.trainers.loop import Trainer
+    from dreamtune.config import load_config
+    from dreamtune.training.loop import Trainer
 
     cfg = load_config(REPO / "configs" / CONFIGS[trainer], [
         f"model.pretrained={model}", f"output.dir={out}", f"data.instance_dir={REPO / 'examples' / 'sks_toy'}",
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(*args.child, args.steps)
-    from dreamtune.trainers.tiny_model import save_tiny_model
+    from dreamtune.models.tiny import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model = save_tiny_model(Path(tmp) / "tiny")

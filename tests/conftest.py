@@ -26,14 +26,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny SD 1.x diffusers folder with random weights (seed 0), built once."""
-    from dreamtune.trainers.tiny_model import save_tiny_model
+    from dreamtune.models.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
 
 
 def tiny_run_config(recipe: str, model_dir: Path, out: Path, *overrides: str):
     """A shipped config pointed at the tiny test model and the shipped images, at 32 px, trackers off."""
-    from dreamtune.trainers.config import load_config
+    from dreamtune.config import load_config
 
     return load_config(
         REPO_ROOT / "configs" / recipe,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamtune.trainers.config import ConfigError, dump_config, load_config, validate_config
+from dreamtune.config import ConfigError, dump_config, load_config, validate_config
 
 from .conftest import REPO_ROOT
 

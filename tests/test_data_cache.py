@@ -15,8 +15,8 @@ from dreamtune.data.dataset import build_dataset
 from dreamtune.data.images import plan_transform
 from dreamtune.data.latent_cache import LatentEncoder, latent_key, module_fingerprint
 from dreamtune.data.loader import build_train_loader
-from dreamtune.trainers.config import ConfigError, validate_config
-from dreamtune.trainers.loop import Trainer
+from dreamtune.config import ConfigError, validate_config
+from dreamtune.training.loop import Trainer
 
 from .conftest import REPO_ROOT, tiny_run_config
 from .test_data_helpers import cfg, write_image

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreamtune.trainers.config import ConfigError, load_config
-from dreamtune.trainers.loop import Trainer
+from dreamtune.config import ConfigError, load_config
+from dreamtune.training.loop import Trainer
+from dreamtune.training.step import StepContext
 
 from .conftest import REPO_ROOT, render_32, tiny_run_config
 
@@ -134,16 +135,22 @@ def test_prior_loss_is_logged_each_step(trained):
         assert scalars["loss"] == pytest.approx(scalars["loss_instance"] + scalars["loss_prior"], rel=1e-5)
 
 
+def batch_of(size: int, num_instance: int) -> StepContext:
+    """Step 0 of a one-process run: ``num_instance`` instance samples, then their class samples."""
+    return StepContext(seed=0, global_step=0, micro_step=0, accumulated=0, positions=tuple(range(size)),
+                       num_instance=num_instance, generators=())
+
+
 def test_loss_splits_instance_and_prior(tiny_model_dir, tmp_path):
-    from dreamtune.trainers.dreambooth import DreamBoothMethod
+    from dreamtune.trainers.dreambooth.method import DreamBoothMethod
 
     cfg = db_config(tiny_model_dir, tmp_path, "dreambooth.prior_loss_weight=0.5")
     method = DreamBoothMethod(cfg)
     per_sample = torch.tensor([1.0, 3.0, 10.0, 20.0])
-    loss, scalars = method.loss(per_sample, {"num_instance": 2})
+    loss, scalars = method.loss(per_sample, batch_of(4, num_instance=2))
     assert loss.item() == pytest.approx(2.0 + 0.5 * 15.0)
     assert scalars == {"loss_instance": pytest.approx(2.0), "loss_prior": pytest.approx(15.0)}
-    loss, scalars = method.loss(per_sample, {})
+    loss, scalars = method.loss(per_sample, batch_of(4, num_instance=4))
     assert loss.item() == pytest.approx(8.5) and scalars == {}
 
 
@@ -152,15 +159,15 @@ def exported(trained, tiny_model_dir):
     """Images from the in-memory EMA model, the base, final/diffusers and the single file (diffusers' loader)."""
     from diffusers import StableDiffusionPipeline
 
-    from dreamtune.trainers.sampling import build_pipeline, inference_scheduler
+    from dreamtune.models.pipeline import build_pipeline, inference_scheduler
 
     trainer, result, _, _ = trained
     m, final = trainer.models, result.output_dir / "final"
     scheduler = inference_scheduler(m.noise_scheduler)
     for module in (m.unet, m.text_encoder):
         module.eval()
-    with trainer.method.sampling_weights(trainer.unwrapped()):
-        ema_pipe = build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler)
+    with trainer.method.weights("sample", trainer.unwrapped()):
+        ema_pipe = build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, inference_scheduler(m.noise_scheduler))
         images = {"ema": render_32(ema_pipe, PROMPT)}
     pipes = {
         "base": StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None),
@@ -257,7 +264,7 @@ def test_bf16_run_exports_the_base_vae_and_an_fp16_file(tiny_model_dir, tmp_path
 
 
 def test_ema_every_n_steps_compounds_decay_and_round_trips():
-    from dreamtune.trainers.dreambooth import TrainingEMA
+    from dreamtune.trainers.dreambooth.ema import TrainingEMA
 
     weight = torch.nn.Parameter(torch.zeros(3))
     ema = TrainingEMA([weight], every=2, home=torch.device("cpu"), offload=True, decay=0.5, use_ema_warmup=False)
@@ -279,13 +286,13 @@ def test_class_images_generate_only_what_is_missing(tiny_model_dir, tmp_path):
     from accelerate import PartialState
     from PIL import Image
 
-    from dreamtune.trainers.class_images import prepare_class_images
-    from dreamtune.trainers.config import ModelConfig
-    from dreamtune.trainers.models import load_base_model
-    from dreamtune.trainers.sampling import build_pipeline
+    from dreamtune.trainers.dreambooth.class_images import prepare_class_images
+    from dreamtune.config import ModelConfig
+    from dreamtune.models.loading import load_base_model
+    from dreamtune.models.pipeline import build_pipeline, inference_scheduler
 
     m = load_base_model(ModelConfig(pretrained=str(tiny_model_dir)))
-    pipe = build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler)
+    pipe = build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, inference_scheduler(m.noise_scheduler))
 
     def prepare(folder: Path, count: int, batch_size: int):
         return prepare_class_images(PartialState(), lambda: pipe, folder, "a photo of toy", count, seed=7,
@@ -305,7 +312,7 @@ def test_real_class_images_count_and_keep_their_captions(tmp_path):
     from accelerate import PartialState
     from PIL import Image
 
-    from dreamtune.trainers.class_images import prepare_class_images
+    from dreamtune.trainers.dreambooth.class_images import prepare_class_images
 
     for i in range(2):
         Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(tmp_path / f"real_{i}.jpg")
@@ -357,7 +364,7 @@ def test_blend_alpha_writes_base_blends(tiny_model_dir, tmp_path):
 
 
 def test_blend_alpha_is_refused_for_lora(tmp_path):
-    from dreamtune.trainers.config import ConfigError
+    from dreamtune.config import ConfigError
 
     with pytest.raises(ConfigError, match="export.blend_alpha .* applies to trainer: dreambooth"):
         load_config(REPO_ROOT / "configs" / "tiny_lora.yaml", ["export.blend_alpha=0.7"])
@@ -365,7 +372,7 @@ def test_blend_alpha_is_refused_for_lora(tmp_path):
 
 def test_min_snr_weights_each_sample_before_the_prior_split(tiny_model_dir, tmp_path):
     """Instance and class samples get their own timestep's weight; then instance mean + weight x prior mean."""
-    import dreamtune.trainers.loop as loop
+    import dreamtune.training.loop as loop
 
     cfg = db_config(
         tiny_model_dir, tmp_path, "train.max_steps=1", "train.batch_size=2", "train.snr_gamma=5.0",
@@ -386,9 +393,9 @@ def test_min_snr_weights_each_sample_before_the_prior_split(tiny_model_dir, tmp_
         seen["timesteps"] = timesteps.clone()
         return real_weights(scheduler, timesteps, gamma)
 
-    def spy_loss(per_sample, batch):
-        seen["per_sample"], seen["num_instance"] = per_sample.detach().clone(), batch.get("num_instance")
-        loss, scalars = method_loss(per_sample, batch)
+    def spy_loss(per_sample, ctx):
+        seen["per_sample"], seen["num_instance"] = per_sample.detach().clone(), ctx.num_instance
+        loss, scalars = method_loss(per_sample, ctx)
         seen["loss"] = loss.detach()
         return loss, scalars
 

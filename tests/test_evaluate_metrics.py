@@ -21,7 +21,7 @@ def metric_models(tmp_path_factory) -> dict[str, Path]:
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ViTConfig,
                               ViTImageProcessor, ViTModel)
 
-    from dreamtune.trainers.tiny_model import build_tokenizer
+    from dreamtune.models.tiny import build_tokenizer
 
     root = tmp_path_factory.mktemp("metric-models")
     tokenizer = build_tokenizer()

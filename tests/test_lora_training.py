@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreamtune.trainers.loop import Trainer
+from dreamtune.training.loop import Trainer
 
 from .conftest import render_32, tiny_run_config
 
@@ -101,13 +101,13 @@ def images(trained, tiny_model_dir):
     """The in-memory trained model's image, the base model's, and each export's loaded by diffusers."""
     from diffusers import StableDiffusionPipeline
 
-    from dreamtune.trainers.sampling import build_pipeline, inference_scheduler
+    from dreamtune.models.pipeline import build_pipeline, inference_scheduler
 
     trainer, result = trained
     m = trainer.models
     for module in (m.unet, m.text_encoder):
         module.eval()
-    trained_pipe = build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler)
+    trained_pipe = build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, inference_scheduler(m.noise_scheduler))
     out = {"trained": render_32(trained_pipe, "a photo of sks toy")}
     final = result.output_dir / "final"
     for name, weight_name in [("base", None), ("diffusers", None), ("kohya", "sks_toy_lora.safetensors")]:

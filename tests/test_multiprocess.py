@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreamtune.trainers.config import load_config
-from dreamtune.trainers.loop import Trainer
+from dreamtune.config import load_config
+from dreamtune.training.loop import Trainer
 
 from .conftest import REPO_ROOT
 
@@ -160,7 +160,7 @@ SIGTERM_RANK_1 = """
 import os
 if os.environ.get("RANK") == "1":
     import signal
-    from dreamtune.trainers import loop
+    from dreamtune.training import loop
 
     original, calls = loop.Trainer._train_step, []
 

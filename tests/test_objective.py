@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dreamtune.trainers.objective import min_snr_weights
+from dreamtune.training.objective import min_snr_weights
 
 TIMESTEPS = torch.tensor([0, 20, 100, 400, 999])
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from dreamtune.data.sources import DataSourceError
-from dreamtune.trainers import checkpoints as ckpt
-from dreamtune.trainers.loop import Trainer, TrainingDiverged
-from dreamtune.trainers.models import ModelLoadError
+from dreamtune.training import checkpoints as ckpt
+from dreamtune.training.loop import Trainer, TrainingDiverged
+from dreamtune.models.loading import ModelLoadError
 
 from .conftest import REPO_ROOT, tiny_run_config
 
@@ -35,7 +35,7 @@ def interrupt_at(monkeypatch, step: int) -> None:
     """Send this process SIGTERM during micro-step ``step`` of the next run, as a user's Ctrl-C would."""
     import signal
 
-    from dreamtune.trainers import loop
+    from dreamtune.training import loop
 
     original = loop.Trainer._train_step
     calls = {"n": 0}
@@ -117,7 +117,7 @@ def test_resume_from_a_non_checkpoint_names_it(tmp_path):
 
 
 def test_nan_loss_stops_without_export(tiny_model_dir, tmp_path, monkeypatch):
-    from dreamtune.trainers import loop
+    from dreamtune.training import loop
 
     monkeypatch.setattr(loop, "per_sample_mse", lambda pred, target: torch.full((pred.shape[0],), float("nan")))
     with pytest.raises(TrainingDiverged, match="loss became nan at step 1.*learning_rate"):
@@ -184,7 +184,7 @@ def test_deepspeed_launch_refuses_what_cannot_run_before_anything_loads(tmp_path
 
 def test_eta_counts_the_validations_still_to_come():
     """1 s steps, 10 s validations every 4 of 12 steps: the ETA includes the validations not yet run."""
-    from dreamtune.trainers.loop import _Eta
+    from dreamtune.training.loop import _Eta
 
     now = {"t": 0.0}
     eta = _Eta(12, 4, clock=lambda: now["t"])
@@ -203,7 +203,7 @@ def test_eta_counts_the_validations_still_to_come():
 
 def test_validation_samples_the_ema_in_eval_mode_then_restores_training(tiny_model_dir, tmp_path, monkeypatch):
     """DreamBooth validation: EMA weights and eval mode while sampling; raw weights and train mode after."""
-    from dreamtune.trainers import loop
+    from dreamtune.training import loop
 
     cfg = tiny_run_config(
         "tiny_dreambooth.yaml", tiny_model_dir, tmp_path, "train.max_steps=2", "train.save_every=0",
@@ -319,7 +319,7 @@ def test_checkpoint_refused_when_disk_is_full(tmp_path, monkeypatch):
 
 def test_sample_streams_never_collide_across_steps_or_large_batches():
     """Step 0's sample 4096 and step 1's sample 0 (the old arithmetic seeds collided there) draw apart."""
-    from dreamtune.trainers.objective import sample_generators
+    from dreamtune.training.objective import sample_generators
 
     first = sample_generators(7, 0, [4096, 0])
     second = sample_generators(7, 1, [0])

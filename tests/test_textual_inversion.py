@@ -9,13 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import PartialState
 from safetensors.torch import load_file
 
 from dreamtune.data.captions import OBJECT_TEMPLATES, STYLE_TEMPLATES, ensure_token, pick_template
-from dreamtune.trainers.config import ConfigError, load_config
-from dreamtune.trainers.loop import Trainer
-from dreamtune.trainers.models import load_base_model
-from dreamtune.trainers.registry import create_method
+from dreamtune.config import ConfigError, load_config
+from dreamtune.training.loop import Trainer
+from dreamtune.models.loading import load_base_model
+from dreamtune.registry import create_method
+from dreamtune.training.step import StepContext
 from dreamtune.weights.embeddings import load_embedding
 
 from .conftest import render_32, tiny_run_config
@@ -52,6 +54,12 @@ def base_state(model_dir: Path, component: str) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / component / name))
 
 
+def step_context(batch: int) -> StepContext:
+    """The first micro-batch of a one-process run: samples 0..batch-1 of step 0."""
+    return StepContext(seed=0, global_step=0, micro_step=0, accumulated=0, positions=tuple(range(batch)),
+                       num_instance=batch, generators=())
+
+
 def embedding_table(trainer: Trainer) -> torch.Tensor:
     return trainer.models.text_encoder.get_input_embeddings().weight.detach().cpu()
 
@@ -64,7 +72,7 @@ def test_run_finishes_with_finite_loss_and_files(trained):
     assert (result.output_dir / "samples" / "step-000004.png").is_file()
     card = (result.output_dir / "README.md").read_text()
     assert "Trigger: `<sks>`" in card and f"embedding:{NAME}" in card and "embeddings/" in card
-    assert trainer.method.trigger() == "<sks>"
+    assert trainer.method.exporter_class(trainer.cfg, trainer.method).trigger() == "<sks>"
 
 
 def test_only_the_new_rows_changed(trained, tiny_model_dir):
@@ -93,7 +101,7 @@ def test_every_other_weight_bitwise_unchanged(trained, tiny_model_dir, component
 def test_multi_vector_word_expands_in_captions(trained):
     trainer, _ = trained
     method, tokenizer = trainer.method, trainer.models.tokenizer
-    captions = method.captions(["ignored", "ignored"])
+    captions = method.captions(["ignored", "ignored"], step_context(2))
     assert all(c.count("<sks> <sks>_1 <sks>_2") == 1 for c in captions)
     assert all(c.replace("<sks> <sks>_1 <sks>_2", "{}") in OBJECT_TEMPLATES for c in captions)
     ids = tokenizer(captions[0]).input_ids
@@ -105,7 +113,7 @@ def test_checkpoint_keeps_only_the_new_rows(trained):
     _, result = trained
     saved = load_file(str(result.checkpoints[0] / "trainable_text_encoder.safetensors"))
     assert saved["placeholder_rows"].shape == (3, 32)
-    assert set(saved) == {"placeholder_rows", "caption_batches"}
+    assert set(saved) == {"placeholder_rows"}
 
 
 def test_resume_restores_the_rows(trained, tiny_model_dir, tmp_path, capsys):
@@ -141,7 +149,7 @@ def loaded_pipeline(model_dir: Path, noise_scheduler, embedding: Path | None = N
     """A fresh base pipeline, with an exported embedding loaded by diffusers when given."""
     from diffusers import StableDiffusionPipeline
 
-    from dreamtune.trainers.sampling import inference_scheduler
+    from dreamtune.models.pipeline import inference_scheduler
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
     pipe.scheduler = inference_scheduler(noise_scheduler)
@@ -152,12 +160,12 @@ def loaded_pipeline(model_dir: Path, noise_scheduler, embedding: Path | None = N
 
 
 def in_memory_pipeline(trainer: Trainer):
-    from dreamtune.trainers.sampling import build_pipeline
+    from dreamtune.models.pipeline import build_pipeline, inference_scheduler
 
     m = trainer.models
     for module in (m.unet, m.text_encoder):
         module.eval()
-    return build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler)
+    return build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, inference_scheduler(m.noise_scheduler))
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +210,7 @@ def test_star_placeholder_and_legacy_pt(tiny_model_dir, tmp_path):
     trainer = Trainer(cfg)
     trainer.run()
     tokenizer, ids = trainer.models.tokenizer, trainer.method.token_ids
-    caption = trainer.method.captions(["x"])[0]
+    caption = trainer.method.captions(["x"], step_context(1))[0]
     assert "S* S*_1" in caption
     assert [tokenizer(caption).input_ids.count(i) for i in ids] == [1, 1]
     assert tokenizer.tokenize("a photo of S* S*_1")[-2:] == ["S*", "S*_1"]
@@ -237,8 +245,8 @@ def test_data_captions_get_the_word_with_one_notice(tiny_model_dir, tmp_path):
     cfg = ti_config(tiny_model_dir, tmp_path, "textual_inversion.use_templates=false")
     method = create_method(cfg)
     with pytest.warns(UserWarning, match=r"6 of 6 captions do not contain '<sks>'; they get it put in front"):
-        method.setup(load_base_model(cfg.model))
-    assert method.captions(["a photo of sks toy", "<sks> on a table"]) == [
+        method.setup(load_base_model(cfg.model), PartialState())
+    assert method.captions(["a photo of sks toy", "<sks> on a table"], step_context(2)) == [
         "<sks> <sks>_1 <sks>_2 a photo of sks toy",
         "<sks> <sks>_1 <sks>_2 on a table",
     ]
@@ -265,7 +273,7 @@ def test_ti_defaults(tiny_model_dir, tmp_path):
 def test_setup_errors_name_the_key(tiny_model_dir, tmp_path, overrides, message):
     cfg = ti_config(tiny_model_dir, tmp_path, *overrides)
     with pytest.raises(ValueError, match=message):
-        create_method(cfg).setup(load_base_model(cfg.model))
+        create_method(cfg).setup(load_base_model(cfg.model), PartialState())
 
 
 def test_placeholder_already_added_is_refused(tiny_model_dir, tmp_path):
@@ -273,7 +281,7 @@ def test_placeholder_already_added_is_refused(tiny_model_dir, tmp_path):
     models = load_base_model(cfg.model)
     models.tokenizer.add_tokens(["<sks>_1"])
     with pytest.raises(ValueError, match=r"placeholder_token: <sks>_1 already in the tokenizer's vocabulary"):
-        create_method(cfg).setup(models)
+        create_method(cfg).setup(models, PartialState())
 
 
 @pytest.mark.parametrize("token", ["''", "'a b'"])

@@ -262,7 +262,7 @@ def test_benchmark_names_unknown_trainers(tmp_path):
 @pytest.fixture
 def trained_configs(tmp_path, monkeypatch) -> list:
     """The configs ``train`` is called with; training itself is replaced by a stub."""
-    from dreamtune.trainers import loop
+    from dreamtune.training import loop
 
     seen = []
 
@@ -326,8 +326,8 @@ def test_quickstart_teaches_the_heart_and_shows_base_vs_trained(tmp_path, judge)
     """The README's first command, in-process: the LoRA makes "a photo of sks" draw hearts, the base did not."""
     from PIL import Image
 
-    from dreamtune.trainers.config import load_config
-    from dreamtune.trainers.loop import train
+    from dreamtune.config import load_config
+    from dreamtune.training.loop import train
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / "quickstart_lora.yaml", [

@@ -50,7 +50,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_b(work) -> Path:
     """A second tiny model (other seed) as a diffusers folder."""
-    from dreamtune.trainers.tiny_model import save_tiny_model
+    from dreamtune.models.tiny import save_tiny_model
 
     return save_tiny_model(work / "tiny-b", seed=1)
 

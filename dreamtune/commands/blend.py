@@ -78,7 +78,8 @@ def _sweep(args, sources, coefficients_for, mixed, config_dir: Path, name: str) 
     """Render one grid: a row per prompt, a column per sweep value, each blended state built in turn."""
     import torch
 
-    from ..trainers.sampling import inference_scheduler, render_images, save_grid
+    from ..models.pipeline import inference_scheduler
+    from ..models.render import render_images, save_grid
     from ..weights.blend import sweep_states
     from ..weights.convert import pipeline_from_state
 

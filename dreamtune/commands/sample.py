@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import fail, load_pipeline
+from .common import fail
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..trainers.sampling import inference_scheduler, render_images, save_grid
+    from ..models.loading import load_pipeline
+    from ..models.pipeline import inference_scheduler
+    from ..models.render import render_images, save_grid
 
     lora = Path(args.lora) if args.lora else None
     if lora is not None and not lora.exists():

@@ -6,7 +6,7 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..trainers.tiny_model import save_tiny_model
+    from ..models.tiny import save_tiny_model
 
     out = save_tiny_model(args.out, seed=args.seed)
     print(f"tiny SD 1.x model (random weights, seed {args.seed}) written to {out}")

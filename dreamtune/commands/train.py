@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import fail
-
 
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from ..data.sources import DataSourceError
-    from ..trainers.config import ConfigError, load_config
-    from ..trainers.loop import TrainingDiverged, train
-    from ..trainers.models import ModelLoadError
+    from ..config import load_config
+    from ..training.loop import train
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = train(cfg)
-    except (ConfigError, ModelLoadError, DataSourceError, FileNotFoundError) as err:
-        return fail(str(err))
-    except TrainingDiverged as err:
-        return fail(str(err), code=1)
-    except ValueError as err:  # values only the method or accelerate can judge (targets, precision)
-        return fail(str(err))
+    result = train(load_config(args.config, args.overrides))
     if PartialState().is_main_process and not result.interrupted:
         print(f"\ndone: {result.global_step} steps, last loss {result.last_loss:.4f}")
         for path in result.exported:

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .buckets import assign_buckets
+from ..errors import ConfigError
 from .caption_rules import CaptionRules, caption_rng, longest_caption, render_caption
 from .config import DataConfig
 from .images import BadImageError, Transform, apply_transform, plan_transform, to_tensor
@@ -99,7 +100,7 @@ class ImageCaptionDataset(Dataset):
         for record in self.records:
             rules = record.rules or CaptionRules()
             if rules.shuffle_tags or rules.tag_dropout:
-                raise ValueError(
+                raise ConfigError(
                     f"data.cache_text_embeddings needs fixed captions, but {record.origin} has tag shuffling or tag "
                     "dropout (data.shuffle_tags / data.tag_dropout); turn those off or set cache_text_embeddings=false"
                 )

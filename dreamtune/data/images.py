@@ -10,10 +10,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..errors import DataError
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """An image file that cannot be decoded; the message names the file."""
 
 

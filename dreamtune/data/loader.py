@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .caption_rules import CaptionRules, count_long_captions, longest_caption
+from ..errors import ConfigError
 from .config import DataConfig
 from .dataset import ImageCaptionDataset, build_dataset, collate, image_key
 from .latent_cache import LatentCache, LatentEncoder
@@ -82,7 +83,7 @@ class TrainLoader:
     def captions(self) -> set[str]:
         """Every caption a batch can carry, class captions included (for data.cache_text_embeddings)."""
         if isinstance(self.dataset, StreamingImageDataset):
-            raise ValueError("data.cache_text_embeddings needs every caption up front; a streamed dataset is read "
+            raise ConfigError("data.cache_text_embeddings needs every caption up front; a streamed dataset is read "
                              "once and never held. Set data.streaming=false or data.cache_text_embeddings=false")
         captions = self.dataset.distinct_captions()
         return captions | self.paired.classes.distinct_captions() if self.paired else captions

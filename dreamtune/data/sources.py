@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from ..errors import DataError
 from .caption_rules import CaptionRules, base_caption
 from .config import DataConfig, SourceConfig
 from .images import IMAGE_EXTENSIONS, BadImageError, open_rgb
@@ -22,7 +23,7 @@ REPEAT_FOLDER = re.compile(r"(\d+)_(.+)")
 EXIF_ORIENTATION = 0x0112
 
 
-class DataSourceError(ValueError):
+class DataSourceError(DataError):
     """A source that cannot give any usable image; the message names the path or column and the fix."""
 
 

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..errors import DreamtuneError
+
 # CLIP-T: cosine between each generated image's CLIP image embedding and its prompt's CLIP text embedding.
 # CLIP-I / DINO: mean cosine over every (generated, reference) image pair, with CLIP image embeddings or
 # the CLS token of a DINO ViT. The prompts for CLIP-T come from one of:
@@ -28,7 +30,7 @@ PROMPT_EXTENSIONS = (".txt", ".caption")
 _PAIR_METRICS = ("clip_i", "dino")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DreamtuneError, ValueError):
     """A user error: missing or empty folder, prompts that do not match the images, unknown metric, bad model."""
 
 

@@ -142,7 +142,7 @@ def save_sample_grid(images, samples: int, path: Path, columns: int = 8) -> None
     """First ``columns`` images of each prompt block, one row per block, upscaled 2x."""
     from PIL import Image
 
-    from ..trainers.sampling import save_grid
+    from ..models.render import save_grid
 
     size = images[0].size[0] * 2
     rows = [[im.resize((size, size), Image.Resampling.NEAREST) for im in images[i:i + min(columns, samples)]]
@@ -166,7 +166,7 @@ def _size(n: int | None) -> str:
 
 def concept_folder_override(recipe: Path, data_dir: Path) -> str:
     """Point the recipe at ``data_dir``: its instance_dir, or every one of its data.sources (their rules kept)."""
-    from ..trainers.config import read_yaml
+    from ..config import read_yaml
 
     sources = (read_yaml(recipe).get("data") or {}).get("sources")
     if not sources:
@@ -177,8 +177,8 @@ def concept_folder_override(recipe: Path, data_dir: Path) -> str:
 def train_entry(entry: str, out: Path, data_dir: Path, class_dir: Path | None, seed: int, quick: bool,
                 model_dir: Path):
     """Train one benchmark entry in-process with its shipped recipe; returns (final dir, seconds)."""
-    from ..trainers.config import load_config
-    from ..trainers.loop import train
+    from ..config import load_config
+    from ..training.loop import train
 
     recipe = REPO_ROOT / "configs" / ENTRIES[entry]
     overrides = [

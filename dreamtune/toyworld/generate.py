@@ -10,7 +10,7 @@ def generate(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: flo
     """One image per prompt, image i drawn from seed ``seed + i`` (DPM-Solver++), in batches."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from ..trainers.sampling import inference_scheduler
+    from ..models.pipeline import inference_scheduler
 
     if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
         pipe.scheduler = inference_scheduler(pipe.scheduler)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..trainers.tiny_model import TINY_RECIPE, assemble_pipeline, clip_text_encoder, learn_bpe
+from ..models.tiny import TINY_RECIPE, assemble_pipeline, clip_text_encoder, learn_bpe
 from . import world
 from .classifier import accuracy, round_trip_scores, save_classifier, train_classifier, vae_round_trip
 
@@ -129,7 +129,7 @@ def train_denoiser(tokenizer, vae, latents, scenes, recipe: dict, seed: int, log
     """CLIP text encoder and UNet trained together on epsilon prediction, min-SNR weighted, with EMA."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from ..trainers.objective import min_snr_weights
+    from ..training.objective import min_snr_weights
 
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(**recipe["unet"]).to(device)

@@ -18,6 +18,14 @@ def checkpoint_step(folder: Path) -> int | None:
     return int(suffix) if folder.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
 
 
+def list_checkpoints(checkpoints_dir: Path, containing: str = STATE_FILE) -> list[Path]:
+    """Complete checkpoints (holding ``containing``), oldest first; half-written .tmp folders are skipped."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in checkpoints_dir.iterdir() if p.is_dir()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None) if (p / containing).is_file()]
+
+
 class RunFolder:
     """The paths inside ``<output.dir>``: config, checkpoints, samples, logs, final exports and model card."""
 
@@ -59,8 +67,5 @@ class RunFolder:
         return self.checkpoints / checkpoint_name(step)
 
     def list_checkpoints(self, containing: str = STATE_FILE) -> list[Path]:
-        """Complete checkpoints (holding ``containing``), oldest first; half-written .tmp folders are skipped."""
-        if not self.checkpoints.is_dir():
-            return []
-        found = [(checkpoint_step(p), p) for p in self.checkpoints.iterdir() if p.is_dir()]
-        return [p for step, p in sorted((s, p) for s, p in found if s is not None) if (p / containing).is_file()]
+        """This run's complete checkpoints (holding ``containing``), oldest first."""
+        return list_checkpoints(self.checkpoints, containing)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .pipeline import build_pipeline
+
 # Words the tiny tokenizer learns merges from: our prompts, captions and common English.
 _CORPUS = """
 a an the of on in at with and or to from by for is are this that photo picture painting drawing
@@ -79,23 +81,11 @@ TINY_RECIPE = {
 }
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def learn_bpe(corpus: str, num_merges: int) -> tuple[dict[str, int], list[str]]:
     """Learn CLIP-style BPE (``</w>`` word ends) from ``corpus``; deterministic tie-breaks."""
-    base = list(_bytes_to_unicode().values())
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # CLIP's reversible byte table
+
+    base = list(bytes_to_unicode().values())
     vocab_tokens = base + [c + "</w>" for c in base]
     words = Counter(re.findall(r"[a-z]+", corpus.lower()))
     splits = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words}
@@ -148,18 +138,9 @@ def clip_text_encoder(tokenizer, config: dict):
 
 def assemble_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config: dict):
     """A ``StableDiffusionPipeline`` from parts, with SD 1.5's PNDM scheduler and no safety checker."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
 
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler(**scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return build_pipeline(tokenizer, text_encoder, vae, unet, PNDMScheduler(**scheduler_config), progress_bar=True)
 
 
 def build_tiny_pipeline(seed: int = 0):

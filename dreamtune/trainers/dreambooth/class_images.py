@@ -14,8 +14,9 @@ from typing import Any, Protocol
 
 import torch
 
-from ..data.config import DataConfig, SourceConfig
-from ..data.sources import DataSourceError, Record, folder_records
+from ...data.config import DataConfig, SourceConfig
+from ...data.sources import DataSourceError, Record, folder_records
+from ...errors import DataError
 
 
 class ProcessState(Protocol):
@@ -128,7 +129,7 @@ def prepare_class_images(
     state.wait_for_everyone()
     records = scan_class_images(class_dir, class_prompt, data)
     if len(records) < num_images:
-        raise RuntimeError(
+        raise DataError(
             f"dreambooth.class_dir: {class_dir} holds {len(records)} readable images after generation, "
             f"{num_images} needed (dreambooth.num_class_images); check the folder is writable and not shared "
             "with another run"

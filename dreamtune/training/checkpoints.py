@@ -10,20 +10,11 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-STATE_FILE = "trainer_state.json"
+from ..errors import DreamtuneError
+from .run_folder import STATE_FILE, checkpoint_name, list_checkpoints  # noqa: F401  (this module's vocabulary)
 
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; half-written (.tmp) folders are ignored."""
-    if not checkpoints_dir.is_dir():
-        return []
-    done = [p for p in checkpoints_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
-    done = [p for p in done if (p / STATE_FILE).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+class CheckpointNotFound(DreamtuneError, FileNotFoundError):
+    """train.resume names a folder that is not a complete checkpoint of this method."""
 
 
 def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
@@ -35,14 +26,14 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFound(
             f"train.resume: {path} is not a complete checkpoint (no {STATE_FILE}); "
             f"use 'auto' or a folder under {checkpoints_dir}"
         )
     return path
 
 
-class InsufficientDiskError(OSError):
+class InsufficientDiskError(DreamtuneError, OSError):
     """Not enough free disk for a checkpoint; raised before anything is written."""
 
 
@@ -93,7 +84,7 @@ def load_trainable(
     for name, module in modules.items():
         path = folder / f"trainable_{name}.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {folder} has no {path.name}; was it written by another trainer?")
+            raise CheckpointNotFound(f"checkpoint {folder} has no {path.name}; was it written by another trainer?")
         try:
             load_state(name, module, load_file(str(path)))
         except KeyError as err:

@@ -12,6 +12,8 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 
 def sample_generators(seed: int, micro_step: int, positions: list[int]) -> list[torch.Generator]:
     """One CPU generator per sample, seeded from a hash of (run seed, step counter, place in the batch).
@@ -62,7 +64,7 @@ def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, tim
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {kind!r}; use epsilon or v_prediction (model.prediction_type)")
+    raise ConfigError(f"unsupported prediction_type {kind!r}; use epsilon or v_prediction (model.prediction_type)")
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:

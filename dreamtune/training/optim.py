@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
+from ..errors import ConfigError
 
 
 def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -18,7 +19,7 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.opt
         try:
             import bitsandbytes as bnb
         except Exception as err:  # bitsandbytes raises several kinds when its native library is missing
-            raise RuntimeError(
+            raise ConfigError(
                 f"train.optimizer=adamw8bit needs a working bitsandbytes ({type(err).__name__}: {err}); "
                 "install it for your CUDA version or use train.optimizer=adamw"
             ) from err

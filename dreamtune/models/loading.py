@@ -8,13 +8,11 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+from ..weights.single_file import load_single_file_pipeline
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
-
-
-class ModelLoadError(RuntimeError):
-    """The base model could not be loaded; the message says where we looked and what to do."""
 
 
 @dataclass
@@ -72,8 +70,6 @@ def _load_single_file(cfg: ModelConfig) -> dict[str, Any]:
     """Components of a single-file SD 1.x checkpoint, built offline from the shipped configs."""
     from diffusers import DDPMScheduler
 
-    from ..weights.single_file import load_single_file_pipeline
-
     path = Path(cfg.pretrained).expanduser()
     if path.suffix != ".safetensors" and not cfg.allow_pickle:
         raise ModelLoadError(
@@ -123,3 +119,12 @@ def load_base_model(cfg: ModelConfig) -> BaseModel:
     if cfg.prediction_type:
         parts["noise_scheduler"].register_to_config(prediction_type=cfg.prediction_type)
     return BaseModel(source=source, **parts)
+
+
+def load_pipeline(model: str, allow_pickle: bool = False):
+    """A StableDiffusionPipeline from a diffusers folder, a hub id or a single-file checkpoint."""
+    from diffusers import StableDiffusionPipeline
+
+    if Path(model).is_file():
+        return load_single_file_pipeline(model, allow_pickle=allow_pickle)
+    return StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from ..data.captions import templates_for
-from ..data.config import DataConfig
-
-TRAINERS = ("dreambooth", "lora", "textual_inversion")
-
-
-class ConfigError(ValueError):
-    """A config problem, found before any model loads; the message names the file and key."""
+from .data.config import DataConfig
+from .errors import ConfigError
+from .registry import registered_methods
 
 
 class Section(BaseModel):
@@ -107,102 +102,37 @@ class OutputConfig(Section):
     name: str = Field("dreamtune", pattern=r"^[A-Za-z0-9._-]+$", description="Base name of exported files.")
 
 
-class LoraSettings(Section):
-    rank: int = Field(4, ge=1)
-    alpha: float = Field(4.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    train_text_encoder: bool = False
-    text_encoder_rank: int | None = Field(None, ge=1)
-    text_encoder_alpha: float | None = Field(None, gt=0)
-    text_encoder_lr: float | None = Field(None, gt=0, description="Text-encoder LoRA lr; default train.learning_rate.")
-    text_encoder_target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
-    )
+class MethodSettings(Section):
+    """Base of a method's own section (``lora:``, ``dreambooth:``, ...): its keys and its cross-section rules.
 
+    The loop and the config core ask these questions instead of switching on the trainer's name.
+    """
 
-class TextualInversionSettings(Section):
-    placeholder_token: str = Field(
-        "<sks>", description="The new word to learn, e.g. '<sks>' or 'S*'; it must not already be a token."
-    )
-    initializer_token: str = Field(
-        "*", description="One existing token the new vectors start from (e.g. dog, toy, painting); A1111 uses '*'."
-    )
-    num_vectors: int = Field(
-        1, ge=1, le=75, description="Vectors behind the word; '<sks>' expands to '<sks> <sks>_1 ...' in prompts."
-    )
-    learnable_property: Literal["object", "style"] = Field(
-        "object", description="Caption templates to train with: 'a photo of a {}' or 'a painting in the style of {}'."
-    )
-    use_templates: bool = Field(
-        True, description="Caption with the TI templates; false uses the data captions (the word prepended if missing)."
-    )
-    export_pt: bool = Field(False, description="Also write the legacy A1111 .pt embedding (a pickle).")
+    #: Whether the method exports a whole model (what export.blend_alpha blends with the base).
+    exports_full_model: ClassVar[bool] = False
 
-    @field_validator("placeholder_token")
-    @classmethod
-    def _one_word(cls, token: str) -> str:
-        if not token or any(c.isspace() for c in token):
-            raise ValueError("must be one new word, not empty and without spaces; use e.g. '<sks>' or 'S*'")
-        return token
+    def apply_run_defaults(self, cfg: "RunConfig") -> None:
+        """Fill keys of other sections this method has its own defaults for, where the user set none."""
 
-    def fallback_caption(self) -> str:
-        """The caption for images without one: the first template of the learnable property."""
-        return templates_for(self.learnable_property)[0].format(self.placeholder_token)
+    def check_run(self, cfg: "RunConfig") -> None:
+        """Rules across sections; raise ValueError naming the keys and what to set."""
 
+    def trained_models(self) -> tuple[str, ...]:
+        """Which of ``unet`` and ``text_encoder`` this config trains."""
+        return ("unet",)
 
-#: Where a textual_inversion run sets no value: the community recipe (lr 5e-4, ~3000 steps).
-TEXTUAL_INVERSION_TRAIN_DEFAULTS = {"learning_rate": 5.0e-4, "max_steps": 3000}
+    def text_encoder_change(self) -> tuple[str, str | None] | None:
+        """Why the text encoder's outputs change during training, and the key that turns it off; None if frozen."""
+        return None
 
-
-class DreamBoothSettings(Section):
-    train_text_encoder: bool = Field(False, description="Also fine-tune the whole text encoder.")
-    text_encoder_lr: float | None = Field(
-        None, gt=0, description="With train_text_encoder: its lr; default train.learning_rate."
-    )
-    text_encoder_steps: int | None = Field(
-        None, ge=1, description="With train_text_encoder: freeze it after this many steps; null trains it to the end."
-    )
-    ema: bool = Field(False, description="Keep an exponential moving average of the trained weights (EMAModel).")
-    ema_decay: float = Field(0.9999, gt=0, lt=1, description="Per-step EMA decay, the ceiling of the warmup ramp.")
-    ema_power: float | None = Field(
-        0.75, gt=0, description="EMA warmup: decay = 1 - (1 + step)^-power up to ema_decay (3/4 suits runs under "
-        "~100k steps, 2/3 longer ones); null uses diffusers' (1 + step) / (10 + step) ramp.",
-    )
-    ema_update_after_step: int = Field(0, ge=0, description="The EMA copies the weights until this step, then averages.")
-    ema_update_every: int = Field(
-        1, ge=1, description="Average every N steps (decay compounded to match per-step averaging)."
-    )
-    ema_on_cpu: bool = Field(
-        False, description="Keep the EMA in CPU memory between updates: less GPU memory, two transfers per update."
-    )
-    use_ema_for: Literal["ema", "raw", "both"] = Field(
-        "ema", description="Weights to validate and export with; 'both' validates with the EMA and exports "
-        "<name>.safetensors (EMA) and <name>-raw.safetensors.",
-    )
-    prior_preservation: bool = Field(False, description="Train on generated class images too (prior loss).")
-    class_prompt: str | None = Field(None, description="Prompt of the subject's class, e.g. 'a photo of dog'.")
-    class_dir: str | None = Field(
-        None, description="Class images (real or generated; missing ones are generated). Default <output.dir>/class_images."
-    )
-    num_class_images: int = Field(200, ge=1, description="Class images to train with (generated if missing).")
-    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class-image loss (lambda).")
-    class_generation_batch_size: int = Field(4, ge=1, description="Class images generated per pipeline call.")
-    class_generation_steps: int = Field(30, ge=1, description="Sampling steps per generated class image.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "DreamBoothSettings":
-        if self.prior_preservation and not self.class_prompt:
-            raise ValueError(
-                "dreambooth.prior_preservation=true needs dreambooth.class_prompt: set it to the subject's class "
-                "without the identifier, e.g. 'a photo of dog'"
-            )
-        if self.use_ema_for == "both" and not self.ema:
-            raise ValueError("dreambooth.use_ema_for=both needs dreambooth.ema=true; or set use_ema_for: raw")
-        return self
+    def card_settings(self) -> str:
+        """Settings worth repeating on the model card, after the shared ones ('' for none)."""
+        return ""
 
 
 class RunConfig(Section):
+    """The whole run. Each registered method adds its own optional section (see run_config_class)."""
+
     trainer: str
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -211,58 +141,55 @@ class RunConfig(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-    lora: LoraSettings | None = None
-    dreambooth: DreamBoothSettings | None = None
-    textual_inversion: TextualInversionSettings | None = None
+
+    @property
+    def method_settings(self) -> MethodSettings:
+        """This run's method section (``cfg.lora`` for ``trainer: lora``)."""
+        return getattr(self, self.trainer)
 
     @model_validator(mode="after")
     def _method_section(self) -> "RunConfig":
-        if self.trainer not in TRAINERS:
-            raise ValueError(f"trainer: {self.trainer!r} is not a trainer; choose one of {', '.join(TRAINERS)}")
-        if self.trainer == "lora" and self.lora is None:
-            self.lora = LoraSettings()
-        if self.trainer == "dreambooth":
-            if self.dreambooth is None:
-                self.dreambooth = DreamBoothSettings()
-            if self.dreambooth.class_dir is None:
-                self.dreambooth.class_dir = str(Path(self.output.dir) / "class_images")
-        if self.trainer == "textual_inversion":
-            self._textual_inversion_defaults()
-        if self.export.blend_alpha and self.trainer != "dreambooth":
+        methods = registered_methods()
+        if self.trainer not in methods:
+            raise ValueError(f"trainer: {self.trainer!r} is not a trainer; choose one of {', '.join(sorted(methods))}")
+        if getattr(self, self.trainer) is None:
+            setattr(self, self.trainer, methods[self.trainer].settings())
+        section = self.method_settings
+        section.apply_run_defaults(self)
+        if self.export.blend_alpha and not section.exports_full_model:
+            full = sorted(name for name, spec in methods.items() if spec.settings.exports_full_model)
             raise ValueError(
-                "export.blend_alpha blends a full fine-tune with its base and applies to trainer: dreambooth; "
+                f"export.blend_alpha blends a full fine-tune with its base and applies to trainer: {', '.join(full)}; "
                 "for a LoRA, lower its strength at load time instead (e.g. <lora:name:0.7>)"
             )
-        self._check_text_cache()
+        section.check_run(self)
+        self._check_text_cache(section)
         return self
 
-    def _check_text_cache(self) -> None:
+    def _check_text_cache(self, section: MethodSettings) -> None:
         """data.cache_text_embeddings needs a text encoder that never changes; name the key that trains it."""
-        if not self.data.cache_text_embeddings:
+        change = section.text_encoder_change() if self.data.cache_text_embeddings else None
+        if change is None:
             return
-        if self.trainer == "textual_inversion":
-            raise ValueError(
-                "data.cache_text_embeddings cannot be used with trainer: textual_inversion: it learns new rows of "
-                "the text encoder's embedding table, so the text encoder's outputs change every step. "
-                "Set data.cache_text_embeddings=false"
-            )
-        section = {"lora": self.lora, "dreambooth": self.dreambooth}.get(self.trainer)
-        if section is not None and section.train_text_encoder:
-            raise ValueError(
-                f"data.cache_text_embeddings needs a frozen text encoder, but {self.trainer}.train_text_encoder=true "
-                f"trains it, so its outputs change every step. Set {self.trainer}.train_text_encoder=false or "
-                "data.cache_text_embeddings=false"
-            )
+        reason, key = change
+        fix = f"Set {key}=false or data.cache_text_embeddings=false" if key else "Set data.cache_text_embeddings=false"
+        raise ValueError(
+            f"data.cache_text_embeddings needs a frozen text encoder, but {reason}, so the text encoder's outputs "
+            f"change every step. {fix}"
+        )
 
-    def _textual_inversion_defaults(self) -> None:
-        """Fill what a TI run left unset: the section, TI's lr and steps, a caption holding the new word."""
-        if self.textual_inversion is None:
-            self.textual_inversion = TextualInversionSettings()
-        for key, value in TEXTUAL_INVERSION_TRAIN_DEFAULTS.items():
-            if key not in self.train.model_fields_set:
-                setattr(self.train, key, value)
-        if self.data.instance_prompt is None:
-            self.data.instance_prompt = self.textual_inversion.fallback_caption()
+
+_RUN_CONFIG_CLASSES: dict[tuple, type[RunConfig]] = {}
+
+
+def run_config_class() -> type[RunConfig]:
+    """RunConfig with one optional section per registered method (``lora: LoraSettings | None``, ...)."""
+    methods = registered_methods()
+    key = tuple(sorted((name, spec.settings) for name, spec in methods.items()))
+    if key not in _RUN_CONFIG_CLASSES:
+        sections = {name: (Optional[spec.settings], None) for name, spec in methods.items()}
+        _RUN_CONFIG_CLASSES[key] = create_model("RunConfig", __base__=RunConfig, **sections)
+    return _RUN_CONFIG_CLASSES[key]
 
 
 def _valid_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -279,7 +206,7 @@ def _valid_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def _closest(path: str) -> str:
     """' (did you mean X?)' for the valid key nearest to ``path``, or ''."""
-    candidates = _valid_paths(RunConfig)
+    candidates = _valid_paths(run_config_class())
     match = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
     if not match:
         leaf = path.rsplit(".", 1)[-1]
@@ -356,7 +283,7 @@ def read_yaml(path: str | Path) -> dict:
 def validate_config(data: dict, source: str = "<config>") -> RunConfig:
     """Validate a raw mapping into a RunConfig, or raise ConfigError with every problem listed."""
     try:
-        return RunConfig.model_validate(data)
+        return run_config_class().model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation(err, source)) from None
 

@@ -1,4 +1,4 @@
-"""Render prompt grids: validation during training and `dreamtune sample` afterwards."""
+"""Render prompt grids: validation during training, `dreamtune sample`, the toy-world benchmark."""
 
 from __future__ import annotations
 
@@ -7,31 +7,6 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
-
-
-def inference_scheduler(noise_scheduler) -> Any:
-    """DPM-Solver++ (2M) built from the training schedule: good images in ~25 steps."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
-
-
-def build_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler):
-    """A StableDiffusionPipeline over live modules (no copies), without the safety checker."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=inference_scheduler(noise_scheduler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Textual Inversion: a new word in the tokenizer whose embedding rows are the only weights that learn."""
+"""Textual Inversion training hooks: a new word in the tokenizer whose embedding rows are the only weights that learn."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ from pathlib import Path
 
 import torch
 
-from ..data.captions import ensure_token, pick_template
-from ..data.sources import scan_records
-from ..weights.embeddings import save_a1111_embedding, save_a1111_pt, save_diffusers_embedding
-from .config import RunConfig, TextualInversionSettings
-from .method import TrainingMethod
-from .models import BaseModel
+from ...data.captions import ensure_token, pick_template
+from ...data.sources import scan_records
+from ...errors import ConfigError
+from ...training.method import TrainingMethod
+from ...training.step import StepContext
+from .export import DIFFUSERS_FILE, TextualInversionExporter
+from .settings import TextualInversionSettings
 
-#: diffusers' own file name: ``load_textual_inversion(folder)`` finds it without ``weight_name``.
-DIFFUSERS_FILE = "learned_embeds.safetensors"
-#: Checkpoint keys: the new rows ``[num_vectors, hidden]`` and how many caption batches were drawn.
+#: Checkpoint key: the new rows ``[num_vectors, hidden]``.
 ROWS_KEY = "placeholder_rows"
-BATCHES_KEY = "caption_batches"
+#: A caption-draw counter some checkpoints hold; templates follow the step context, so it is read and ignored.
+LEGACY_BATCHES_KEY = "caption_batches"
 
 
 def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
@@ -31,10 +31,11 @@ class TextualInversionMethod(TrainingMethod):
     """Adds the placeholder word; only its rows train, every other weight stays bitwise as loaded."""
 
     name = "textual_inversion"
+    exporter_class = TextualInversionExporter
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg):
         super().__init__(cfg)
-        self.settings: TextualInversionSettings = cfg.textual_inversion or TextualInversionSettings()
+        self.settings: TextualInversionSettings = cfg.textual_inversion
         self.placeholder = self.settings.placeholder_token
         self.tokens = placeholder_tokens(self.placeholder, self.settings.num_vectors)
         self.token_ids: list[int] = []
@@ -43,12 +44,10 @@ class TextualInversionMethod(TrainingMethod):
         self._pattern = re.compile(re.escape(self.placeholder) + r"(?!_\d)")
         self._original: torch.Tensor | None = None
         self._new_rows: torch.Tensor | None = None
-        self._batches = 0
-        self._rank, self._world = 0, 1
 
     # -- setup --------------------------------------------------------------------------------
-    def setup(self, models: BaseModel) -> None:
-        super().setup(models)
+    def setup(self, models, accelerator) -> None:
+        super().setup(models, accelerator)
         self._check_output_name()
         initializer_id = self._initializer_id(models.tokenizer)
         self._check_placeholder(models.tokenizer)
@@ -60,14 +59,13 @@ class TextualInversionMethod(TrainingMethod):
         self._new_rows = torch.zeros(weight.shape[0], dtype=torch.bool)
         self._new_rows[self.token_ids] = True
         weight.register_hook(self._mask_gradient)
-        self._rank, self._world = _process_place()
-        if not self.settings.use_templates:
+        if not self.settings.use_templates and accelerator.is_main_process:
             self._announce_captions_without_token()
 
     def _check_output_name(self) -> None:
         """The A1111 file is ``<output.name>.safetensors``; it must not overwrite diffusers' file."""
         if f"{self.cfg.output.name}.safetensors" == DIFFUSERS_FILE:
-            raise ValueError(
+            raise ConfigError(
                 f"output.name: {self.cfg.output.name!r} would overwrite final/{DIFFUSERS_FILE}; choose another "
                 "name (it is also the word A1111 users type)"
             )
@@ -78,7 +76,7 @@ class TextualInversionMethod(TrainingMethod):
         ids = tokenizer.encode(word, add_special_tokens=False)
         if len(ids) != 1:
             pieces = tokenizer.convert_ids_to_tokens(ids)
-            raise ValueError(
+            raise ConfigError(
                 f"textual_inversion.initializer_token: {word!r} is {len(ids)} tokens {pieces}, not one; "
                 "choose a word the tokenizer keeps whole (e.g. dog, toy, painting)"
             )
@@ -92,7 +90,7 @@ class TextualInversionMethod(TrainingMethod):
         if not taken and len(ids) == 1:
             taken = [f"{self.placeholder} (read as {tokenizer.convert_ids_to_tokens(ids)[0]!r})"]
         if taken:
-            raise ValueError(
+            raise ConfigError(
                 f"textual_inversion.placeholder_token: {', '.join(taken)} already in the tokenizer's vocabulary; "
                 "choose a new word such as '<my-concept>' or 'S*'"
             )
@@ -114,8 +112,6 @@ class TextualInversionMethod(TrainingMethod):
 
     def _announce_captions_without_token(self) -> None:
         """One notice, before training, naming how many data captions get the word put in front."""
-        if self._rank != 0:
-            return
         word = self.placeholder
         if getattr(self.cfg.data, "streaming", False):  # a stream cannot be counted in advance
             found = f"captions of the streamed dataset without {word!r} get it"
@@ -131,29 +127,24 @@ class TextualInversionMethod(TrainingMethod):
             stacklevel=2,
         )
 
-    def trained_modules(self) -> dict[str, torch.nn.Module]:
-        assert self.models is not None
-        return {"text_encoder": self.models.text_encoder}
-
     # -- per step -----------------------------------------------------------------------------
     def expand(self, text: str) -> str:
         """``<sks>`` -> ``<sks> <sks>_1 ...`` (as diffusers' ``maybe_convert_prompt`` does at inference)."""
         return self._pattern.sub(lambda _: self._expansion, text)
 
-    def captions(self, captions: list[str]) -> list[str]:
-        """Template captions (or the data's, with the word ensured), with the word expanded to its vectors."""
+    def captions(self, captions: list[str], ctx: StepContext) -> list[str]:
+        """Template captions (or the data's, with the word ensured), with the word expanded to its vectors.
+
+        Templates are keyed like the loop's noise, by (seed, step, place in the step's global batch), so N
+        processes or N accumulated micro-batches draw what one batch N times larger draws.
+        """
         s = self.settings
         if s.use_templates:
-            # Keyed like the loop's noise: (seed, step, place in the step's global batch), so N processes or
-            # N accumulated micro-batches draw what one batch N times larger draws.
-            t = self.cfg.train
-            step, accumulated = divmod(self._batches, t.gradient_accumulation)
-            places = [(accumulated * t.batch_size + k) * self._world + self._rank for k in range(len(captions))]
-            picks = [pick_template(s.learnable_property, seed=t.seed, epoch=step, index=i) for i in places]
+            picks = [pick_template(s.learnable_property, seed=ctx.seed, epoch=ctx.global_step, index=place)
+                     for place in ctx.positions[: len(captions)]]
             texts = [template.format(self.placeholder) for template in picks]
         else:
             texts = [ensure_token(c, self.placeholder) for c in captions]
-        self._batches += 1
         return [self.expand(t) for t in texts]
 
     def encode_text(self, text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -196,63 +187,21 @@ class TextualInversionMethod(TrainingMethod):
         return weight.detach()[self.token_ids].float().cpu()
 
     def trainable_state_dict(self, module_name: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Only the new rows (not the whole table), and the caption draw count for an exact resume."""
-        return {ROWS_KEY: self.learned_vectors(module), BATCHES_KEY: torch.tensor(self._batches)}
+        """Only the new rows, not the whole table."""
+        return {ROWS_KEY: self.learned_vectors(module)}
 
     def load_trainable_state(self, module_name: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """Write the checkpointed rows back into the new token ids."""
-        unknown = sorted(set(tensors) - {ROWS_KEY, BATCHES_KEY})
+        unknown = sorted(set(tensors) - {ROWS_KEY, LEGACY_BATCHES_KEY})
         if unknown or ROWS_KEY not in tensors:
             shown = unknown[:3] or sorted(tensors)[:3]
             raise KeyError(f"tensors {shown} are not a textual-inversion checkpoint of {module_name}")
         weight = module.get_input_embeddings().weight
         rows = tensors[ROWS_KEY]
         if tuple(rows.shape) != (len(self.token_ids), weight.shape[1]):
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint rows have shape {tuple(rows.shape)} but this run trains {len(self.token_ids)} x "
                 f"{weight.shape[1]}; resume with the textual_inversion.num_vectors and model it was written with"
             )
         with torch.no_grad():
             weight[self.token_ids] = rows.to(weight.device, weight.dtype)
-        self._batches = int(tensors[BATCHES_KEY]) if BATCHES_KEY in tensors else 0
-
-    # -- export -------------------------------------------------------------------------------
-    def save(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
-        """diffusers' learned_embeds.safetensors, the A1111 <name>.safetensors, and the .pt when asked."""
-        vectors = self.learned_vectors(modules["text_encoder"])
-        name = self.cfg.output.name
-        final_dir.mkdir(parents=True, exist_ok=True)
-        paths = [
-            save_diffusers_embedding(
-                final_dir / DIFFUSERS_FILE, self.placeholder, vectors, metadata=self._metadata(step)
-            ),
-            save_a1111_embedding(
-                final_dir / f"{name}.safetensors", vectors, name=name, metadata=self._metadata(step, name)
-            ),
-        ]
-        if self.settings.export_pt:
-            paths.append(save_a1111_pt(final_dir / f"{name}.pt", vectors, name=name, step=step))
-        return [Path(p) for p in paths]
-
-    def _metadata(self, step: int, trigger: str | None = None) -> dict[str, str]:
-        """What the file is and how to call it up, in model-spec keys UIs display."""
-        s, resolution = self.settings, self.cfg.data.resolution
-        return {
-            "modelspec.trigger_phrase": trigger or self.placeholder,
-            "modelspec.resolution": f"{resolution}x{resolution}",
-            "modelspec.description": (
-                f"textual inversion of {self.placeholder} ({s.num_vectors} vectors from "
-                f"{s.initializer_token!r}, {s.learnable_property}) on {self.cfg.model.pretrained}, {step} steps"
-            ),
-        }
-
-    def trigger(self) -> str | None:
-        return self.placeholder
-
-
-def _process_place() -> tuple[int, int]:
-    """(rank, number of processes); (0, 1) when not launched as several."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    return state.process_index, state.num_processes

@@ -10,13 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..config import RunConfig, dump_config
 from ..data.dataset import build_dataset
 from ..data.loader import build_train_loader
+from ..errors import ConfigError, DreamtuneError
+from ..models.dtypes import dtype_of
+from ..models.loading import load_base_model
+from ..models.pipeline import build_pipeline, inference_scheduler
+from ..models.render import render_images, save_grid, side_by_side
+from ..registry import create_method
 from . import checkpoints as ckpt
-from .config import RunConfig, dump_config
 from .method import TrainingMethod
 from .model_card import write_model_card
-from .models import load_base_model
 from .objective import (
     latent_moments,
     min_snr_weights,
@@ -28,14 +34,14 @@ from .objective import (
     sample_timesteps,
 )
 from .optim import build_lr_scheduler, build_optimizer
-from .registry import create_method
-from .sampling import build_pipeline, render_images, save_grid
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .run_folder import RunFolder
+from .step import StepContext
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(DreamtuneError, RuntimeError):
     """The loss became NaN/inf; nothing is exported from a diverged run."""
+
+    exit_code = 1
 
 
 def _diverged(what: str, step: int, checkpoints_dir: Path) -> str:
@@ -120,21 +126,23 @@ def refuse_impossible_launch(cfg: RunConfig) -> None:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return
     if cfg.train.optimizer == "adamw8bit":
-        raise ValueError(
+        raise ConfigError(
             "train.optimizer=adamw8bit cannot run under DeepSpeed: DeepSpeed owns the optimizer and its "
             "ZeRO partitioning does not support bitsandbytes' 8-bit state. Use train.optimizer=adamw "
             "(ZeRO-2 already shards the optimizer state) or launch without DeepSpeed."
         )
-    section = getattr(cfg, cfg.trainer, None)
-    if getattr(section, "train_text_encoder", False):
-        raise ValueError(
-            f"{cfg.trainer}.train_text_encoder=true cannot run under DeepSpeed: accelerate hands DeepSpeed one "
-            f"model per run, and this trains two (UNet and text encoder). Set {cfg.trainer}.train_text_encoder=false, "
+    section = cfg.method_settings
+    if len(section.trained_models()) > 1:
+        change = section.text_encoder_change()
+        key = change[1] if change and change[1] else f"{cfg.trainer}.train_text_encoder"
+        raise ConfigError(
+            f"{key}=true cannot run under DeepSpeed: accelerate hands DeepSpeed one model per run, and this trains "
+            f"two ({' and '.join(section.trained_models())}). Set {key}=false, "
             "or launch without DeepSpeed (e.g. --config_file configs/accelerate/multi_gpu.yaml)."
         )
 
 
-def _make_accelerator(cfg: RunConfig, output_dir: Path):
+def _make_accelerator(cfg: RunConfig, run_folder: RunFolder):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
@@ -152,12 +160,12 @@ def _make_accelerator(cfg: RunConfig, output_dir: Path):
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.gradient_accumulation,
             log_with=list(cfg.logging.report_to) or None,
-            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+            project_config=ProjectConfiguration(project_dir=str(run_folder.root), logging_dir=str(run_folder.logs)),
         )
     except ValueError as err:
-        raise ValueError(f"train.mixed_precision={cfg.train.mixed_precision!r}: {err}") from err
+        raise ConfigError(f"train.mixed_precision={cfg.train.mixed_precision!r}: {err}") from err
     if accelerator.device.type == "cpu" and cfg.train.mixed_precision == "fp16":
-        raise ValueError(
+        raise ConfigError(
             "train.mixed_precision=fp16 needs a GPU: PyTorch has no fp16 autocast for training on the CPU. "
             "Use train.mixed_precision=bf16 (or no) on this machine."
         )
@@ -179,8 +187,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.output_dir = Path(cfg.output.dir)
-        self.checkpoints_dir = self.output_dir / "checkpoints"
+        self.run_folder = RunFolder(cfg.output.dir)
+        self.output_dir = self.run_folder.root
+        self.checkpoints_dir = self.run_folder.checkpoints
         refuse_impossible_launch(cfg)
         self.method: TrainingMethod = create_method(cfg)
         self.text_cache = None  # data.cache_text_embeddings, filled in _setup
@@ -193,17 +202,17 @@ class Trainer:
         cfg = self.cfg
         # Data first: a broken folder fails before a multi-gigabyte model loads.
         self.dataset = build_dataset(cfg.data, seed=cfg.train.seed)
-        self.accelerator = acc = _make_accelerator(cfg, self.output_dir)
+        self.accelerator = acc = _make_accelerator(cfg, self.run_folder)
         set_seed(cfg.train.seed)
         self.models = load_base_model(cfg.model)
-        self.method.setup(self.models)
+        self.method.setup(self.models, acc)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+            self.run_folder.config.write_text(dump_config(cfg))
             print(self.dataset.report.summary())
 
         trained = self.method.trained_modules()
-        weight_dtype = DTYPES[cfg.train.mixed_precision]
+        weight_dtype = dtype_of(cfg.train.mixed_precision)
         for name, module in self.models.components().items():
             if isinstance(module, torch.nn.Module):
                 # Frozen parts run in the mixed-precision dtype: half the memory.
@@ -249,7 +258,7 @@ class Trainer:
         self.optimizer, self.lr_scheduler = prepared[len(names)], prepared[len(names) + 1]
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._register_checkpoint_hooks()
-        for extra in self.method.checkpoint_objects(acc):
+        for extra in self.method.checkpoint_objects():
             acc.register_for_checkpointing(extra)
 
     def _latent_encoder(self):
@@ -276,7 +285,7 @@ class Trainer:
         def encode(captions: list[str]) -> torch.Tensor:
             return self.method.encode_text(m.text_encoder, self._input_ids(captions))
 
-        return TextEmbeddingCache(encode, self.method.captions(sorted(self.loader.captions())))
+        return TextEmbeddingCache(encode, sorted(self.loader.captions()))
 
     def _input_ids(self, captions: list[str]) -> torch.Tensor:
         """Token ids padded to the text encoder's length, on the device."""
@@ -310,7 +319,7 @@ class Trainer:
         """Write checkpoints/step-N via a .tmp folder renamed at the end, so a kill never leaves a torn one."""
         self._check_finite_weights(step)
         acc = self.accelerator
-        final = self.checkpoints_dir / ckpt.checkpoint_name(step)
+        final = self.run_folder.checkpoint(step)
         tmp = final.with_name(final.name + ".tmp")
         if acc.is_main_process:
             tmp.mkdir(parents=True, exist_ok=True)
@@ -351,9 +360,9 @@ class Trainer:
                 module.eval()
             pipe = build_pipeline(
                 modules["tokenizer"], modules["text_encoder"], modules["vae"], modules["unet"],
-                self.models.noise_scheduler,
+                inference_scheduler(self.models.noise_scheduler),
             )
-            with self.accelerator.autocast(), self.method.sampling_weights(trained):
+            with self.accelerator.autocast(), self.method.weights("sample", trained):
                 rows = render_images(
                     pipe, v.prompts, images_per_prompt=v.images_per_prompt, seed=v.seed,
                     steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
@@ -361,19 +370,17 @@ class Trainer:
                 )
             for module in trained.values():
                 module.train()
-            path = save_grid(rows, self.output_dir / "samples" / f"step-{step:06d}.png", labels=v.prompts)
+            path = save_grid(rows, self.run_folder.sample_grid(step), labels=v.prompts)
             self._log_images(rows, step)
         self.accelerator.wait_for_everyone()
         return path
 
     def _compare_with_base(self, final_grid: Path, step: int) -> list[Path]:
         """samples/base-vs-trained.png from the step-0 grid and the final one (main process)."""
-        base_grid = self.output_dir / "samples" / f"step-{0:06d}.png"
+        base_grid = self.run_folder.sample_grid(0)
         if not (self.cfg.validation.compare_with_base and self.accelerator.is_main_process and base_grid.is_file()):
             return []
-        from .sampling import side_by_side
-
-        return [side_by_side(base_grid, final_grid, self.output_dir / "samples" / "base-vs-trained.png",
+        return [side_by_side(base_grid, final_grid, self.run_folder.comparison_grid,
                              ("base", f"trained ({step} steps)"))]
 
     def _log_images(self, rows, step: int) -> None:
@@ -389,33 +396,47 @@ class Trainer:
                 tracker.log({"validation": [wandb.Image(img) for img in images]}, step=step)
 
     # -- the loop -------------------------------------------------------------------------------
-    def _positions(self, batch_len: int, num_instance: int | None, accumulated: int) -> list[int]:
-        """Each local sample's place in its optimizer step's global batch, however processes and micro-batches split it.
+    def _step_context(self, batch: dict, micro_step: int) -> StepContext:
+        """Where this micro-batch sits: its step, and each local sample's place in the step's global batch.
 
-        The sampler deals indices round-robin over processes; prior-preservation class samples (after the
-        ``num_instance`` instance samples) are placed after the step's every instance sample.
+        The sampler deals indices round-robin over processes; paired class samples (after the batch's
+        ``num_instance`` instance samples) are placed after the step's every instance sample. Generators are
+        keyed by (seed, step, place), so N processes or N accumulated micro-batches draw what one batch N
+        times larger draws, and a resumed run draws what a straight one would.
         """
-        acc, batch_size = self.accelerator, self.cfg.train.batch_size
+        t, acc = self.cfg.train, self.accelerator
         procs, rank = acc.num_processes, acc.process_index
-        instances = batch_len if num_instance is None else num_instance
-        step_total = batch_size * procs * self.cfg.train.gradient_accumulation
+        batch_len = len(batch["captions"])
+        instances = batch.get("num_instance", batch_len)
+        step, accumulated = divmod(micro_step, t.gradient_accumulation)
+        step_total = t.batch_size * procs * t.gradient_accumulation
 
         def place(i: int) -> int:
-            return (accumulated * batch_size + i) * procs + rank
+            return (accumulated * t.batch_size + i) * procs + rank
 
-        return [place(i) for i in range(instances)] + [step_total + place(j) for j in range(batch_len - instances)]
+        positions = [place(i) for i in range(instances)] + [step_total + place(j) for j in range(batch_len - instances)]
+        return StepContext(seed=t.seed, global_step=step, micro_step=micro_step, accumulated=accumulated,
+                           positions=tuple(positions), num_instance=instances,
+                           generators=tuple(sample_generators(t.seed, step, positions)))
+
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        """The UNet's conditioning: from the text cache, or the text encoder (without autograd while it is frozen)."""
+        if self.text_cache is not None:  # data.cache_text_embeddings: the text encoder ran once, before training
+            return self.text_cache.lookup(captions).to(self.accelerator.device)
+        bare = self.models.text_encoder
+        if any(p.requires_grad for p in bare.parameters()):
+            return self.method.encode_text(self.trained.get("text_encoder", bare), self._input_ids(captions))
+        # Frozen (never trained, or stopped): the bare module, as a DDP wrapper would wait for gradients.
+        with torch.no_grad():
+            return self.method.encode_text(bare, self._input_ids(captions))
 
     def _train_step(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict]:
         """One forward/backward on a micro-batch; returns the loss and scalars to log."""
         m, acc = self.models, self.accelerator
         unet = self.trained.get("unet", m.unet)
-        text_encoder = self.trained.get("text_encoder", m.text_encoder)
-        captions = self.method.captions(batch["captions"])
-        # Keyed by (step, place in the step's global batch): N processes or N accumulated micro-batches draw
-        # what one batch N times larger draws.
-        step, accumulated = divmod(micro_step, self.cfg.train.gradient_accumulation)
-        positions = self._positions(len(captions), batch.get("num_instance"), accumulated)
-        generators = sample_generators(self.cfg.train.seed, step, positions)
+        ctx = self._step_context(batch, micro_step)
+        captions = self.method.captions(batch["captions"], ctx)
+        generators = list(ctx.generators)
         if "latent_moments" in batch:  # data.cache_latents: the VAE ran once, before training
             moments = batch["latent_moments"].to(acc.device, dtype=self.weight_dtype)
         else:
@@ -426,17 +447,14 @@ class Trainer:
         noise = sample_noise(latents, self.cfg.train.noise_offset, generators)
         timesteps = sample_timesteps(m.noise_scheduler, generators, latents.device)
         noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.text_cache is not None:  # data.cache_text_embeddings: the text encoder ran once, before training
-            hidden = self.text_cache.lookup(captions).to(acc.device)
-        else:
-            hidden = self.method.encode_text(text_encoder, self._input_ids(captions))
+        hidden = self._encode_text(captions)
         pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
         target = prediction_target(m.noise_scheduler, latents, noise, timesteps)
         losses = per_sample_mse(pred, target)
         if self.cfg.train.snr_gamma:
             # Weights per sample, before any method splits the batch (e.g. instance vs prior).
             losses = losses * min_snr_weights(m.noise_scheduler, timesteps, self.cfg.train.snr_gamma)
-        loss, scalars = self.method.loss(losses, batch)
+        loss, scalars = self.method.loss(losses, ctx)
         return loss, {"loss": loss.detach().item(), **scalars}
 
     def run(self) -> RunResult:
@@ -456,7 +474,7 @@ class Trainer:
             acc.init_trackers(
                 cfg.logging.project,
                 config=_flat("", cfg.model_dump(mode="json"), {}),
-                init_kwargs={"wandb": {"dir": str(self.output_dir / "logs"), "name": cfg.output.name}},
+                init_kwargs={"wandb": {"dir": str(self.run_folder.logs), "name": cfg.output.name}},
             )
             self._print_summary(steps_per_epoch)
 
@@ -546,10 +564,11 @@ class Trainer:
         acc.wait_for_everyone()
         exported: list[Path] = []
         if acc.is_main_process:
-            final = self.output_dir / "final"
-            with self.method.export_weights(self.unwrapped()):
-                exported = self.method.save(final, self.unwrapped(), step)
-            write_model_card(self.output_dir / "README.md", self.cfg, self.method, exported, step)
+            exporter = self.method.exporter_class(self.cfg, self.method)
+            modules = self.unwrapped()
+            with self.method.weights("export", modules):
+                exported = exporter.write(self.run_folder.final, modules, step)
+            write_model_card(self.run_folder, self.cfg, exporter, exported, step)
         acc.wait_for_everyone()
         return exported
 

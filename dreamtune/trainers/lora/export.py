@@ -1,0 +1,76 @@
+"""LoRA exports: the kohya file UIs load (A1111, ComfyUI, InvokeAI) and diffusers' PEFT-format file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...models.dtypes import dtype_of
+from ...training.method import Exporter
+from ...weights.lora_formats import kohya_metadata, lora_config_values, peft_to_kohya, save_diffusers_lora
+from ...weights.safetensors_io import save_safetensors
+
+
+def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in PEFT naming, fp32 on the CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(module, save_embedding_layers=False)
+    return {k: v.detach().float().cpu() for k, v in state.items()}
+
+
+class LoraExporter(Exporter):
+    def write(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
+        lora = {part: lora_state(modules[part]) for part in ("unet", "text_encoder") if part in modules}
+        configs = {part: modules[part].peft_config["default"] for part in lora}
+        ranks, alphas = {}, {}
+        for part, state in lora.items():
+            part_ranks, part_alphas = lora_config_values(state, configs[part])
+            ranks.update(part_ranks)
+            alphas.update(part_alphas)
+        dtype = dtype_of(self.cfg.export.dtype)
+        kohya = peft_to_kohya(lora["unet"], lora.get("text_encoder"), rank=ranks, alpha=alphas)
+        kohya = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kohya.items()}
+        s, t = self.cfg.lora, self.cfg.train
+        metadata = kohya_metadata(
+            rank=s.rank,
+            alpha=s.alpha,
+            title=self.cfg.output.name,
+            output_name=self.cfg.output.name,
+            steps=step,
+            seed=t.seed,
+            resolution=self.cfg.data.resolution,
+            trigger_phrase=self.trigger(),
+            base_model=self.cfg.model.pretrained,
+            learning_rate=t.learning_rate,
+            unet_lr=t.learning_rate,
+            text_encoder_lr=(s.text_encoder_lr or t.learning_rate) if s.train_text_encoder else None,
+            training_comment="trained with dreamtune",
+            tensors=kohya,
+        )
+        final_dir.mkdir(parents=True, exist_ok=True)
+        diffusers_path = save_diffusers_lora(
+            final_dir,
+            lora["unet"],
+            lora.get("text_encoder"),
+            unet_lora_config=configs["unet"],
+            text_encoder_lora_config=configs.get("text_encoder"),
+            metadata={k: v for k, v in metadata.items() if not k.startswith(("sshs_", "modelspec.hash"))},
+        )
+        kohya_path = save_safetensors(kohya, final_dir / f"{self.cfg.output.name}.safetensors", metadata=metadata)
+        return [Path(diffusers_path), Path(kohya_path)]
+
+    def usage(self, final: Path, files: list[Path]) -> str:
+        name, base, prompt = self.cfg.output.name, self.cfg.model.pretrained, self.example_prompt()
+        return f"""```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{final}")                                   # the diffusers/PEFT file
+# or: pipe.load_lora_weights("{final}", weight_name="{name}.safetensors")  # the kohya file
+image = pipe("{prompt}").images[0]
+```
+
+AUTOMATIC1111 / Forge: copy `final/{name}.safetensors` into `models/Lora/` and write
+`<lora:{name}:1>` in the prompt. ComfyUI: copy it into `models/loras/` and use a *LoraLoader* node.
+InvokeAI: install `final/{name}.safetensors` from the model manager (type LoRA)."""

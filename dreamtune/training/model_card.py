@@ -1,0 +1,31 @@
+"""The run's README.md: what was trained, from what, and how to load each exported file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import RunConfig
+from .method import Exporter
+from .run_folder import RunFolder
+
+
+def write_model_card(run: RunFolder, cfg: RunConfig, exporter: Exporter, exported: list[Path], step: int) -> Path:
+    """Write the model card; it repeats the settings a user needs to reproduce or use the result."""
+    trigger = exporter.trigger() or "(none: the model's style applies to any prompt)"
+    files = "\n".join(f"- `{p.relative_to(run.root)}`" for p in exported)
+    t = cfg.train
+    settings = (
+        f"steps {step}, batch {t.batch_size} x accumulation {t.gradient_accumulation}, learning rate "
+        f"{t.learning_rate} ({t.lr_scheduler}, warmup {t.lr_warmup_steps}), optimizer {t.optimizer}, "
+        f"precision {t.mixed_precision}, resolution {cfg.data.resolution}, seed {t.seed}"
+    )
+    if extra := cfg.method_settings.card_settings():
+        settings += f", {extra}"
+    run.model_card.write_text(
+        f"# {cfg.output.name}\n\n"
+        f"A **{cfg.trainer}** fine-tune of `{cfg.model.pretrained}` made with dreamtune.\n\n"
+        f"- Trigger: `{trigger}`\n- Example prompt: `{exporter.example_prompt()}`\n- Settings: {settings}\n"
+        f"- Full config: `config.yaml`\n\n"
+        f"## Files\n\n{files}\n\n## How to use it\n\n{exporter.usage(run.final, exported)}\n"
+    )
+    return run.model_card
