@@ -11,6 +11,7 @@ from .commands import COMMAND_MODULES
 from .commands.common import fail
 from .compat import check_environment
 from .errors import DreamtuneError
+from .registry import registered_methods
 
 
 def _quiet_libraries() -> None:
@@ -24,9 +25,8 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dreamtune", description="Fine-tune Stable Diffusion 1.x: DreamBooth, LoRA, Textual Inversion."
-    )
+    methods = ", ".join(sorted(registered_methods()))
+    parser = argparse.ArgumentParser(prog="dreamtune", description=f"Fine-tune Stable Diffusion 1.x: {methods}.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f".commands.{name}", __package__).register(sub)

@@ -87,7 +87,7 @@ class ExportConfig(Section):
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="dtype of the single-file exports.")
     blend_alpha: list[Annotated[float, Field(ge=0, le=1)]] | None = Field(
         None,
-        description="DreamBooth: also write alpha*fine-tune + (1-alpha)*base single files, one per value "
+        description="Methods that export a whole model: also write alpha*fine-tune + (1-alpha)*base single files, one per value "
         "(the Pokemon recipe's style strength); a single number is accepted.",
     )
 
@@ -103,7 +103,7 @@ class OutputConfig(Section):
 
 
 class MethodSettings(Section):
-    """Base of a method's own section (``lora:``, ``dreambooth:``, ...): its keys and its cross-section rules.
+    """Base of a method's own section (named as the method): its keys and its cross-section rules.
 
     The loop and the config core ask these questions instead of switching on the trainer's name.
     """
@@ -144,7 +144,7 @@ class RunConfig(Section):
 
     @property
     def method_settings(self) -> MethodSettings:
-        """This run's method section (``cfg.lora`` for ``trainer: lora``)."""
+        """This run's method section (``cfg.<name>`` for ``trainer: <name>``)."""
         return getattr(self, self.trainer)
 
     @model_validator(mode="after")
@@ -160,7 +160,7 @@ class RunConfig(Section):
             full = sorted(name for name, spec in methods.items() if spec.settings.exports_full_model)
             raise ValueError(
                 f"export.blend_alpha blends a full fine-tune with its base and applies to trainer: {', '.join(full)}; "
-                "for a LoRA, lower its strength at load time instead (e.g. <lora:name:0.7>)"
+                "for an adapter or embedding, lower its strength where it is loaded instead"
             )
         section.check_run(self)
         self._check_text_cache(section)
@@ -183,7 +183,7 @@ _RUN_CONFIG_CLASSES: dict[tuple, type[RunConfig]] = {}
 
 
 def run_config_class() -> type[RunConfig]:
-    """RunConfig with one optional section per registered method (``lora: LoraSettings | None``, ...)."""
+    """RunConfig with one optional section per registered method (``<name>: <its settings class> | None``)."""
     methods = registered_methods()
     key = tuple(sorted((name, spec.settings) for name, spec in methods.items()))
     if key not in _RUN_CONFIG_CLASSES:

@@ -1,7 +1,7 @@
 """Training methods by name: one `register_method(...)` line makes a method known to the config and the loop.
 
 The built-in methods register themselves in `dreamtune.trainers`; a plugin or a test registers its own
-the same way. A method class is named as "module:Class" so `trainer: lora` never imports DreamBooth.
+the same way. A method class may be named as "module:Class", so a run imports only its own method.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def rotate(checkpoints_dir: Path, keep: int | None) -> None:
 
 
 def save_trainable(tensors: dict[str, dict], folder: Path) -> None:
-    """Only the trained tensors of each module (a LoRA checkpoint stays megabytes, not gigabytes)."""
+    """Only the trained tensors of each module (an adapter's checkpoint stays megabytes, not gigabytes)."""
     for name, state in tensors.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / f"trainable_{name}.safetensors")
 
