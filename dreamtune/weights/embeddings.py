@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..errors import WeightsError
 from .safetensors_io import (
     PathLike,
     atomic_write,
@@ -141,3 +142,17 @@ def _from_pickle(obj: Any, path: Path, dtype: torch.dtype) -> tuple[torch.Tensor
         name = obj.get("name")
         return _as_vectors(next(iter(params.values())), dtype), name if isinstance(name, str) else None
     return _from_tensor_dict(obj, path, dtype)
+
+
+def convert_embedding(src: PathLike, dst: PathLike, to: str, dtype: torch.dtype | None,
+                      metadata: Mapping[str, str], token: str | None = None, allow_pickle: bool = False) -> Path:
+    """diffusers ``{token: vectors}`` <-> A1111 ``{emb_params: vectors}`` (``to``: ``diffusers``/``a1111``)."""
+    vectors, found = load_embedding(src, allow_pickle=allow_pickle, dtype=dtype)  # type: ignore[arg-type]
+    if to == "a1111":
+        return save_a1111_embedding(dst, vectors, name=found or Path(dst).stem, metadata=metadata,
+                                    dtype=vectors.dtype)
+    if to != "diffusers":
+        raise WeightsError(f"an embedding converts to a1111 or diffusers, not {to!r}")
+    name = token or found or Path(src).stem
+    return save_diffusers_embedding(dst, name, vectors, dtype=vectors.dtype, metadata=metadata)
+
