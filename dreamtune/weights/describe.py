@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..errors import WeightsError
 from .diffusers_folder import COMPONENT_FILES, find_component_file, is_diffusers_folder
 from .ldm_keys import component_of
 from .lora_files import lora_layout
@@ -45,7 +46,7 @@ def _flatten_pickle(obj: Any) -> dict[str, Any]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"the pickle holds a {type(obj).__name__}, not a dict of tensors")
+        raise WeightsError(f"the pickle holds a {type(obj).__name__}, not a dict of tensors")
     return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -187,7 +188,7 @@ def describe(path: PathLike, allow_pickle: bool = False) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         if not is_diffusers_folder(p):
-            raise ValueError(f"{p} is a folder but not a diffusers SD 1.x pipeline (no unet/config.json)")
+            raise WeightsError(f"{p} is a folder but not a diffusers SD 1.x pipeline (no unet/config.json)")
         return describe_folder(p, allow_pickle)
     if not p.is_file():
         raise FileNotFoundError(f"no such file or folder: {p}")

@@ -106,7 +106,7 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     lines = gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
     merges = [(first, second) for first, second in (line.split(" ") for line in lines[1:] if line)]
     if len(merges) != _CLIP_MERGES:
-        raise ValueError(f"{path} has {len(merges)} merges; CLIP's tokenizer uses {_CLIP_MERGES}")
+        raise WeightsError(f"{path} has {len(merges)} merges; CLIP's tokenizer uses {_CLIP_MERGES}")
     return merges
 
 

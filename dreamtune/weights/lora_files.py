@@ -74,13 +74,13 @@ def _kohya_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, to
     for key, tensor in tensors.items():
         lora_name, _, suffix = key.partition(".")
         if suffix not in (KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA):
-            raise ValueError(
+            raise WeightsError(
                 f"kohya key {key!r}: expected <name>.lora_down.weight, .lora_up.weight or .alpha "
                 "(LyCORIS/LoHa/LoKr/DoRA files are not plain LoRA and cannot be converted)"
             )
         groups.setdefault(lora_name, {})[suffix] = tensor
     if not groups:
-        raise ValueError("kohya_to_peft: the tensor dict is empty")
+        raise WeightsError("kohya_to_peft: the tensor dict is empty")
     return groups
 
 
@@ -90,12 +90,12 @@ def _add_peft_module(
     """Store one kohya module as PEFT lora_A/lora_B plus its rank and alpha."""
     for needed in (KOHYA_DOWN, KOHYA_UP):
         if needed not in parts:
-            raise ValueError(f"kohya module {lora_name!r} has no {needed}")
+            raise WeightsError(f"kohya module {lora_name!r} has no {needed}")
     down, up = parts[KOHYA_DOWN], parts[KOHYA_UP]
     rank = check_rank(lora_name, down, up)
     alpha = float(parts[KOHYA_ALPHA].item()) if KOHYA_ALPHA in parts else 0.0
     if module in result.ranks:
-        raise ValueError(f"kohya module {lora_name!r} resolves to {module!r}, which another key already uses")
+        raise WeightsError(f"kohya module {lora_name!r} resolves to {module!r}, which another key already uses")
     target = result.unet if part == "unet" else result.text_encoder
     target[module + PEFT_A] = down
     target[module + PEFT_B] = up

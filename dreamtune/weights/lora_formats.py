@@ -36,6 +36,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from ..errors import WeightsError
 from .lora_keys import (
     KOHYA_ALPHA,
     KOHYA_DOWN,
@@ -96,7 +97,7 @@ class LoraFile:
         """``LoraConfig`` kwargs that rebuild this adapter on ``part`` with the file's scales."""
         paths = sorted(self.modules(part))
         if not paths:
-            raise ValueError(f"this {self.layout} LoRA has no {part} modules")
+            raise WeightsError(f"this {self.layout} LoRA has no {part} modules")
         return lora_config_kwargs({p: self.ranks[p] for p in paths}, {p: self.alphas[p] for p in paths})
 
 
@@ -188,7 +189,7 @@ def peft_to_kohya(
         for module, (down, up) in peft_pairs(state, what=part).items():
             _add_kohya_module(out, module, part, down, up, rank, alpha)
     if not out:
-        raise ValueError("peft_to_kohya: both unet_lora and text_encoder_lora are empty; nothing to convert")
+        raise WeightsError("peft_to_kohya: both unet_lora and text_encoder_lora are empty; nothing to convert")
     return out
 
 
@@ -205,13 +206,13 @@ def _add_kohya_module(
     actual = check_rank(module, down, up)
     expected = int(lookup(rank, module, part, "rank"))
     if expected != actual:
-        raise ValueError(
+        raise WeightsError(
             f"{part} module {module!r}: rank={expected} was given but lora_A has {actual} rows; "
             "pass the rank it was trained with (per module if peft rank_pattern was used)"
         )
     name = kohya_name(module, part)
     if f"{name}.{KOHYA_DOWN}" in out:
-        raise ValueError(f"two {part} modules map to kohya name {name!r} (was {module!r} given twice?)")
+        raise WeightsError(f"two {part} modules map to kohya name {name!r} (was {module!r} given twice?)")
     out[f"{name}.{KOHYA_DOWN}"] = down
     out[f"{name}.{KOHYA_UP}"] = up
     out[f"{name}.{KOHYA_ALPHA}"] = torch.tensor(float(lookup(alpha, module, part, "alpha")))
@@ -326,7 +327,7 @@ def diffusers_lora_state_dict(
     for key, tensor in (text_encoder_lora or {}).items():
         out["text_encoder." + TEXT_MODEL + canonical_text_encoder_path(peft_key(key))] = tensor
     if not out:
-        raise ValueError("diffusers_lora_state_dict: both unet_lora and text_encoder_lora are empty")
+        raise WeightsError("diffusers_lora_state_dict: both unet_lora and text_encoder_lora are empty")
     return out
 
 
@@ -364,7 +365,7 @@ def save_diffusers_lora(
     header = stringify_metadata(metadata)
     for reserved in ("format", DIFFUSERS_ADAPTER_METADATA_KEY):
         if reserved in header:
-            raise ValueError(f"metadata key {reserved!r} is written by save_diffusers_lora; remove it")
+            raise WeightsError(f"metadata key {reserved!r} is written by save_diffusers_lora; remove it")
     folded: dict[Part, dict[str, torch.Tensor]] = {}
     adapter_meta: dict[str, Any] = {}
     for part, state, config in (
@@ -386,7 +387,7 @@ def _fold_part(
     """Fold one component's alpha into lora_B; return it with the diffusers adapter metadata (alpha = r)."""
     ranks, alphas = ranks_and_alphas(state, config, part)
     if not ranks:
-        raise ValueError(f"{part} LoRA has no lora_A/lora_B pairs")
+        raise WeightsError(f"{part} LoRA has no lora_A/lora_B pairs")
     folded = fold_alpha(state, ranks, alphas)
     if part == "text_encoder":
         ranks = {canonical_text_encoder_path(m): r for m, r in ranks.items()}

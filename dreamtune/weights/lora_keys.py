@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from ..errors import WeightsError
+
 KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_TEXT_ENCODER_PREFIX = "lora_te_"
 #: Text-encoder prefixes accepted on input; diffusers' own exporter writes ``lora_te1_`` for SD 1.x.
@@ -64,7 +66,7 @@ def split_peft_key(key: str) -> tuple[str, str]:
     for suffix, kind in ((PEFT_A, "lora_A"), (PEFT_B, "lora_B")):
         if key.endswith(suffix):
             return key[: -len(suffix)], kind
-    raise ValueError(
+    raise WeightsError(
         f"PEFT key {key!r} is not a LoRA lora_A/lora_B weight; kohya files hold only those "
         "(DoRA magnitude vectors, LoRA biases and modules_to_save have no kohya spelling). "
         "Pass the dict from peft.get_peft_model_state_dict(model) of a plain LoRA."
@@ -79,7 +81,7 @@ def peft_pairs(
     for key, tensor in (state or {}).items():
         try:
             module, kind = split_peft_key(key)
-        except ValueError:
+        except WeightsError:
             if strict:
                 raise
             continue
@@ -88,7 +90,7 @@ def peft_pairs(
     for module, got in halves.items():
         if set(got) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(got)).pop()
-            raise ValueError(f"{what} LoRA module {module!r} has no {missing}.weight")
+            raise WeightsError(f"{what} LoRA module {module!r} has no {missing}.weight")
         pairs[module] = (got["lora_A"], got["lora_B"])
         check_rank(module, got["lora_A"], got["lora_B"])
     return pairs
@@ -97,7 +99,7 @@ def peft_pairs(
 def check_rank(module: str, down: torch.Tensor, up: torch.Tensor) -> int:
     """Return the rank, raising if lora_A (rows) and lora_B (columns) disagree."""
     if down.ndim < 2 or up.ndim < 2 or down.shape[0] != up.shape[1]:
-        raise ValueError(
+        raise WeightsError(
             f"LoRA module {module!r}: down/lora_A {tuple(down.shape)} and up/lora_B "
             f"{tuple(up.shape)} do not share a rank (down rows must equal up columns)"
         )
@@ -143,7 +145,7 @@ def peft_key(key: str) -> str:
     """Strip PeftModel's ``base_model.model.`` wrapper and check the key is a LoRA tensor."""
     key = key.removeprefix(_PEFT_WRAPPER)
     if ".lora_" not in key:
-        raise ValueError(
+        raise WeightsError(
             f"key {key!r} is not a PEFT LoRA tensor (no '.lora_' in it); "
             "pass peft.get_peft_model_state_dict(model), not the model's full state dict"
         )
@@ -170,10 +172,10 @@ def split_kohya_prefix(lora_name: str) -> tuple[Part, str]:
             text_model = TEXT_MODEL.replace(".", "_")
             return "text_encoder", flat[len(text_model) :] if flat.startswith(text_model) else flat
     if lora_name.startswith("lora_te2_"):
-        raise ValueError(
+        raise WeightsError(
             f"kohya module {lora_name!r} targets SDXL's second text encoder; dreamtune is SD 1.x only"
         )
-    raise ValueError(f"kohya module {lora_name!r} starts with neither lora_unet_ nor lora_te_/lora_te1_")
+    raise WeightsError(f"kohya module {lora_name!r} starts with neither lora_unet_ nor lora_te_/lora_te1_")
 
 
 def module_resolver(module_names: Iterable[str] | None, part: Part) -> Resolver:
@@ -185,12 +187,12 @@ def module_resolver(module_names: Iterable[str] | None, part: Part) -> Resolver:
     def resolve(flat: str, lora_name: str) -> str:
         found = table.get(flat)
         if found is None:
-            raise ValueError(
+            raise WeightsError(
                 f"kohya module {lora_name!r}: no {part} module flattens to {flat!r}; "
                 "is the LoRA for a different architecture, or were the wrong module names passed?"
             )
         if isinstance(found, tuple):
-            raise ValueError(f"kohya module {lora_name!r} is ambiguous: {found} all flatten to {flat!r}")
+            raise WeightsError(f"kohya module {lora_name!r} is ambiguous: {found} all flatten to {flat!r}")
         return found
 
     return resolve
@@ -231,7 +233,7 @@ def _unflatten_sd1(flat: str, lora_name: str) -> str:
                 splits[i].extend([segment] + rest for rest in splits[j][: 2 - len(splits[i])])
     if len(splits[0]) != 1:
         problem = "cannot be split into" if not splits[0] else "splits ambiguously into"
-        raise ValueError(
+        raise WeightsError(
             f"kohya module {lora_name!r} {problem} SD 1.x module names; pass "
             "unet_module_names=/text_encoder_module_names= from model.named_modules()"
         )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import WeightsError
 from .diffusers_folder import SD1_CONFIG_DIR, load_clip_tokenizer, read_config
 from .ldm_keys import (
     TEXT_MODEL_PREFIX,
@@ -349,7 +350,7 @@ def _load_scheduler(config: dict[str, Any]) -> SchedulerMixin:
     name = config.get("_class_name", "PNDMScheduler")
     cls = getattr(diffusers, name, None)
     if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
-        raise ValueError(f"scheduler _class_name {name!r} is not a diffusers scheduler")
+        raise WeightsError(f"scheduler _class_name {name!r} is not a diffusers scheduler")
     return cls.from_config(config)
 
 
