@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsError
-from .diffusers_folder import component_file, config_dir_for, is_diffusers_folder, read_config
+from .diffusers_folder import component_file, config_dir_for, read_config, require_diffusers_folder
 from .ldm_keys import TEXT_MODEL_PREFIX, TEXT_PREFIX, TEXT_ROOTS, UNET_PREFIX, unet_key_map, vae_key_map
 from .safetensors_io import PathLike, is_pickle_path, save_safetensors
 from .single_file import HARMLESS_KEYS, HARMLESS_PREFIXES, checkpoint_metadata, pipeline_from_state, refuse_non_sd1
@@ -79,9 +79,7 @@ def open_checkpoint(path: PathLike, allow_pickle: bool = False) -> TensorSource:
     """Open a single-file checkpoint or a diffusers folder, keys canonical."""
     p = Path(path)
     if p.is_dir():
-        if not is_diffusers_folder(p):
-            raise WeightsError(f"{p} is a folder but not a diffusers SD 1.x pipeline (no unet/config.json)")
-        return open_diffusers_folder(p, allow_pickle)
+        return open_diffusers_folder(require_diffusers_folder(p), allow_pickle)
     if is_pickle_path(p) and not allow_pickle:
         raise WeightsError(f"{p} is a pickled checkpoint ({p.suffix}); pass --allow-pickle if you trust it")
     return open_single_file(p, allow_pickle)

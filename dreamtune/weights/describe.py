@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import WeightsError
-from .diffusers_folder import COMPONENT_FILES, find_component_file, is_diffusers_folder
+from .diffusers_folder import COMPONENT_FILES, find_component_file, require_diffusers_folder
 from .ldm_keys import component_of
 from .lora_files import lora_layout
 from .lora_keys import KOHYA_TEXT_ENCODER_INPUT_PREFIXES, KOHYA_UNET_PREFIX
@@ -187,9 +187,7 @@ def describe(path: PathLike, allow_pickle: bool = False) -> dict[str, Any]:
     """Describe a weight file or a diffusers folder (see :func:`describe_file`)."""
     p = Path(path)
     if p.is_dir():
-        if not is_diffusers_folder(p):
-            raise WeightsError(f"{p} is a folder but not a diffusers SD 1.x pipeline (no unet/config.json)")
-        return describe_folder(p, allow_pickle)
+        return describe_folder(require_diffusers_folder(p), allow_pickle)
     if not p.is_file():
         raise FileNotFoundError(f"no such file or folder: {p}")
     return describe_file(p, allow_pickle)

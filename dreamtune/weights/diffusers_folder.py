@@ -56,6 +56,13 @@ def is_diffusers_folder(path: PathLike) -> bool:
     return (Path(path) / "unet" / "config.json").is_file()
 
 
+def require_diffusers_folder(path: Path) -> Path:
+    """``path`` if it is a diffusers folder; a folder without ``unet/config.json`` is refused by name."""
+    if not is_diffusers_folder(path):
+        raise WeightsError(f"{path} is a folder but not a diffusers SD 1.x pipeline (no unet/config.json)")
+    return path
+
+
 def config_dir_for(paths: Iterable[PathLike], config_dir: PathLike | None = None) -> Path:
     """The configs to use: ``config_dir``, else the first diffusers-folder input, else the shipped SD 1.5 set."""
     if config_dir is not None:
