@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dreamtune.weights.diffusers_folder import SD1_CONFIG_DIR, read_config
 from dreamtune.weights.ldm_keys import TEXT_MODEL_PREFIX, unet_key_map, vae_key_map
-from dreamtune.weights.single_file import SD1_CONFIG_DIR, _read_json
 
 
 def sd15_shapes() -> dict[str, tuple[int, ...]]:
@@ -30,12 +30,12 @@ def sd15_shapes() -> dict[str, tuple[int, ...]]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     shapes: dict[str, tuple[int, ...]] = {}
-    for key_map in (unet_key_map(_read_json(SD1_CONFIG_DIR / "unet" / "config.json")),
-                    vae_key_map(_read_json(SD1_CONFIG_DIR / "vae" / "config.json"))):
+    for key_map in (unet_key_map(read_config(SD1_CONFIG_DIR, "unet")),
+                    vae_key_map(read_config(SD1_CONFIG_DIR, "vae"))):
         for key, shape in key_map.shapes.items():
             extra = (1, 1) if key in key_map.conv1x1 else ()
             shapes[key_map.to_single[key]] = (*shape, *extra)
-    config = CLIPTextConfig.from_dict(_read_json(SD1_CONFIG_DIR / "text_encoder" / "config.json"))
+    config = CLIPTextConfig.from_dict(read_config(SD1_CONFIG_DIR, "text_encoder"))
     with torch.device("meta"):
         text = CLIPTextModel(config).state_dict()
     for key, tensor in text.items():

@@ -42,15 +42,15 @@ def build_sd15_shaped(out: Path) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreamtune.weights.single_file import SD1_CONFIG_DIR, _read_json, sd1_tokenizer
+    from dreamtune.weights.diffusers_folder import SD1_CONFIG_DIR, read_config, sd1_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):  # initialising 1.1 B parameters on the GPU takes seconds, not a minute
-        unet = UNet2DConditionModel.from_config(_read_json(SD1_CONFIG_DIR / "unet" / "config.json"))
-        vae = AutoencoderKL.from_config(_read_json(SD1_CONFIG_DIR / "vae" / "config.json"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(_read_json(SD1_CONFIG_DIR / "text_encoder" / "config.json")))
-    scheduler = PNDMScheduler.from_config(_read_json(SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json"))
+        unet = UNet2DConditionModel.from_config(read_config(SD1_CONFIG_DIR, "unet"))
+        vae = AutoencoderKL.from_config(read_config(SD1_CONFIG_DIR, "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(read_config(SD1_CONFIG_DIR, "text_encoder")))
+    scheduler = PNDMScheduler.from_config(read_config(SD1_CONFIG_DIR, "scheduler"))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=sd1_tokenizer(), unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -21,20 +21,15 @@ from dreamtune.weights.blend import (
     combine,
     mixed_keys_filter,
 )
-from dreamtune.weights.convert import (
-    WeightsError,
-    component_of,
-    convert_checkpoint,
-    convert_embedding,
-    convert_lora,
-    open_checkpoint,
-    read_state,
-)
+from dreamtune.errors import WeightsError
+from dreamtune.weights.checkpoint import convert_checkpoint, open_checkpoint
 from dreamtune.weights.describe import describe
-from dreamtune.weights.embeddings import save_diffusers_embedding
-from dreamtune.weights.ldm_keys import unet_key_map
-from dreamtune.weights.lora_formats import kohya_metadata, peft_to_kohya
-from dreamtune.weights.merge import LoraFile, lora_delta, merge_loras, read_lora
+from dreamtune.weights.embeddings import convert_embedding, save_diffusers_embedding
+from dreamtune.weights.ldm_keys import component_of, unet_key_map
+from dreamtune.weights.lora_files import convert_lora, read_lora
+from dreamtune.weights.lora_formats import LoraFile, kohya_metadata, peft_to_kohya
+from dreamtune.weights.merge import lora_delta, merge_loras
+from dreamtune.weights.sources import read_state
 
 PROMPT = "a red circle"
 
@@ -184,7 +179,7 @@ def test_merged_lora_matches_runtime_lora(work, tiny_model_dir, kohya_lora):
 
 
 def test_conv_lora_merge_math(single_a, tiny_model_dir):
-    from dreamtune.weights.single_file import _read_json
+    from dreamtune.weights.diffusers_folder import read_json as _read_json
 
     torch.manual_seed(1)
     down, up = torch.randn(2, 32, 3, 3), torch.randn(32, 2, 1, 1)

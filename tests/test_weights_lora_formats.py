@@ -10,17 +10,17 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
+from dreamtune.weights.lora_files import kohya_to_peft
 from dreamtune.weights.lora_formats import (
     DIFFUSERS_LORA_WEIGHT_NAME,
-    SD1_MODULE_SEGMENTS,
-    KohyaLora,
     diffusers_lora_state_dict,
     kohya_metadata,
-    kohya_to_peft,
     lora_config_values,
     peft_to_kohya,
     save_diffusers_lora,
 )
+from dreamtune.weights.lora_formats import LoraFile as KohyaLora
+from dreamtune.weights.lora_keys import SD1_MODULE_SEGMENTS
 from dreamtune.weights.safetensors_io import load_safetensors, read_metadata, save_safetensors
 
 RANK, ALPHA = 4, 8  # alpha != rank: a file that drops alpha renders at half strength

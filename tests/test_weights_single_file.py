@@ -15,16 +15,15 @@ import pytest
 import torch
 
 from dreamtune.weights.ldm_keys import KeyMapError, unet_key_map, vae_key_map
+from dreamtune.weights.diffusers_folder import SD1_CONFIG_DIR, sd1_tokenizer
 from dreamtune.weights.safetensors_io import load_safetensors
 from dreamtune.weights.single_file import (
     HARMLESS_KEYS,
-    SD1_CONFIG_DIR,
     SingleFileError,
     detect_layout,
     diffusers_to_single_file,
     load_single_file_pipeline,
     save_single_file,
-    sd1_tokenizer,
     single_file_to_diffusers,
 )
 

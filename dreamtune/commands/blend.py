@@ -43,15 +43,32 @@ def _coefficients_for(mode: str, args: argparse.Namespace, count: int):
     return lambda value: average_weights(args.weights, args.alpha if value is None else value, count)
 
 
+def _last_checkpoints(run_dir: Path | str, last: int, file_name: str = "trainable_unet.safetensors") -> list[Path]:
+    """The ``file_name`` of the last ``last`` complete checkpoints of a run, oldest first."""
+    from ..training.run_folder import RunFolder
+    from ..weights.blend import BlendError
+
+    if last < 1:
+        raise BlendError(f"--last must be at least 1, got {last}")
+    run = RunFolder(run_dir)
+    found = run.list_checkpoints(containing=file_name)
+    if len(found) < last:
+        raise BlendError(
+            f"{run.checkpoints} has {len(found)} checkpoint(s) with {file_name}; asked for the last {last}")
+    return [folder / file_name for folder in found[-last:]]
+
+
 def _run_average(args: argparse.Namespace) -> int:
     """Average the last N trainable-tensor checkpoints of a run into one file."""
-    from ..weights.blend import average_weights, combine, mix_all, run_checkpoints
-    from ..weights.convert import DTYPES, open_state_file, provenance
+    from ..models.dtypes import DTYPES
+    from ..weights.blend import average_weights, combine, mix_all
+    from ..weights.provenance import provenance
     from ..weights.safetensors_io import save_safetensors
+    from ..weights.sources import open_state_file
 
     if args.format != "single-file" or not args.out.endswith(".safetensors"):
         return fail("--run writes one .safetensors file of the averaged trained tensors (--format single-file)")
-    paths = run_checkpoints(args.run, args.last, args.file_name)
+    paths = _last_checkpoints(args.run, args.last, args.file_name)
     weights = average_weights(None, None, len(paths))
     with ExitStack() as stack:
         sources = [stack.enter_context(open_state_file(p)) for p in paths]
@@ -81,7 +98,7 @@ def _sweep(args, sources, coefficients_for, mixed, config_dir: Path, name: str) 
     from ..models.pipeline import inference_scheduler
     from ..models.render import render_images, save_grid
     from ..weights.blend import sweep_states
-    from ..weights.convert import pipeline_from_state
+    from ..weights.single_file import pipeline_from_state
 
     if not args.prompt:
         return fail("--sweep needs at least one --prompt")
@@ -107,8 +124,11 @@ def _sweep(args, sources, coefficients_for, mixed, config_dir: Path, name: str) 
 
 def _blend(args: argparse.Namespace, paths: list[str], mode: str) -> int:
     """Blend checkpoints (any mix of single-file and diffusers folders) into one output."""
+    from ..models.dtypes import DTYPES
     from ..weights.blend import combine, mixed_keys_filter
-    from ..weights.convert import DTYPES, config_dir_for, open_checkpoint, provenance, save_checkpoint
+    from ..weights.checkpoint import open_checkpoint, save_checkpoint
+    from ..weights.diffusers_folder import config_dir_for
+    from ..weights.provenance import provenance
 
     coefficients_for = _coefficients_for(mode, args, len(paths))
     mixed = mixed_keys_filter(args.unet_only)
@@ -131,14 +151,12 @@ def _blend(args: argparse.Namespace, paths: list[str], mode: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..weights.convert import WeightsError
-
     try:
         paths, mode = _plan(args)
         if mode == "run-average":
             return _run_average(args)
         return _blend(args, paths, mode)
-    except (WeightsError, ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # WeightsError is a ValueError
         return fail(str(err))
 
 

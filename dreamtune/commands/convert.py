@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import WeightsError
 from .common import fail
 
 #: For each (kind, layout) of the input, the target ``--to auto`` picks: the other layout.
@@ -31,14 +32,11 @@ def _kind(path: str, allow_pickle: bool) -> tuple[str, str]:
 
 def _convert(args: argparse.Namespace) -> Path:
     """Dispatch on the input's kind; returns the written path."""
-    from ..weights.convert import (
-        DTYPES,
-        WeightsError,
-        convert_checkpoint,
-        convert_embedding,
-        convert_lora,
-        provenance,
-    )
+    from ..models.dtypes import DTYPES
+    from ..weights.checkpoint import convert_checkpoint
+    from ..weights.embeddings import convert_embedding
+    from ..weights.lora_files import convert_lora
+    from ..weights.provenance import provenance
 
     kind, layout = _kind(args.input, args.allow_pickle)
     if kind not in ("checkpoint", "lora", "textual-inversion") or (kind, layout) not in _AUTO:
@@ -56,11 +54,9 @@ def _convert(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..weights.convert import WeightsError
-
     try:
         out = _convert(args)
-    except (WeightsError, ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError) as err:  # WeightsError is a ValueError
         return fail(str(err))
     print(f"converted {args.input} -> {out}")
     return 0

@@ -21,17 +21,19 @@ def parse_lora_arg(text: str) -> tuple[Path, float]:
 
 def _unet_map(base: str, config_dir: str | None):
     """The UNet key map of the base (its own config for a folder, else --config-dir or SD 1.5)."""
-    from ..weights.convert import config_dir_for
+    from ..weights.diffusers_folder import config_dir_for, read_config
     from ..weights.ldm_keys import unet_key_map
-    from ..weights.single_file import _read_json
 
     folder = config_dir_for([base], config_dir)
-    return unet_key_map(_read_json(folder / "unet" / "config.json")), folder
+    return unet_key_map(read_config(folder, "unet")), folder
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..weights.convert import DTYPES, WeightsError, open_checkpoint, provenance, save_checkpoint
-    from ..weights.merge import describe_loras, merge_loras, read_lora, text_encoder_module_names, unet_module_names
+    from ..models.dtypes import DTYPES
+    from ..weights.checkpoint import open_checkpoint, save_checkpoint
+    from ..weights.lora_files import read_lora
+    from ..weights.merge import describe_loras, merge_loras, text_encoder_module_names, unet_module_names
+    from ..weights.provenance import provenance
 
     loras = [parse_lora_arg(text) for text in args.lora]
     try:
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                     "dtype": args.dtype or "as base"}
         meta = provenance("merge-lora", [args.base, *(p for p, _ in loras)], settings, hash_inputs=not args.no_hash)
         out = save_checkpoint(state, args.out, args.format, meta, config_dir)
-    except (WeightsError, ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError) as err:  # WeightsError is a ValueError
         return fail(str(err))
     print(f"merged {len(loras)} LoRA(s) into {Path(args.base).name} -> {out}")
     return 0

@@ -1,8 +1,8 @@
-"""Weighted blends of checkpoints, add-difference, run-checkpoint averaging, streamed key by key.
+"""Weighted blends of checkpoints, add-difference, averages of trained-tensor files, streamed key by key.
 
 Every blend is a linear combination ``sum_i c_i * input_i`` over the keys it mixes (the UNet,
 and the text encoder unless ``unet_only``); every other key (the VAE) comes from the first input.
-Tensors are read one at a time (:class:`~dreamtune.weights.convert.TensorSource`), accumulated in
+Tensors are read one at a time (:class:`~dreamtune.weights.sources.TensorSource`), accumulated in
 fp32 and cast to the output dtype, so memory holds the output plus a few tensors, never a second
 input model. A coefficient of exactly 0 skips that input's tensor, so alpha 0 and 1 reproduce an
 input bit for bit.
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 
 import torch
 
-from .convert import TensorSource, WeightsError, component_of
+from ..errors import WeightsError
+from .ldm_keys import component_of
+from .sources import TensorSource, cast_floating
 
 KeyFilter = Callable[[str], bool]
 
@@ -91,11 +92,6 @@ def combine_tensor(sources: Sequence[TensorSource], coefficients: Sequence[float
     return acc if acc is not None else torch.zeros(sources[0].shape(key), dtype=torch.float32)
 
 
-def _out_dtype(tensor_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype a floating tensor is written in (``dtype`` or the first input's)."""
-    return dtype if dtype is not None else tensor_dtype
-
-
 def combine(
     sources: Sequence[TensorSource],
     coefficients: Sequence[float],
@@ -110,10 +106,9 @@ def combine(
     for key in first.keys:
         stored = first.dtype(key)
         if mixed(key) and stored.is_floating_point:
-            out[key] = combine_tensor(sources, coefficients, key).to(_out_dtype(stored, dtype))
+            out[key] = combine_tensor(sources, coefficients, key).to(dtype if dtype is not None else stored)
         else:
-            tensor = first.get(key)
-            out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            out[key] = cast_floating(first.get(key), dtype)
     return out
 
 
@@ -155,17 +150,3 @@ def blend_with_base(
             mixed = tuned.detach().float() * alpha + base.detach().to(tuned.device).float() * (1.0 - alpha)
             out[key] = mixed.to(tuned.dtype)
     return out
-
-
-def run_checkpoints(run_dir: Path | str, last: int, file_name: str = "trainable_unet.safetensors") -> list[Path]:
-    """The ``file_name`` of the last ``last`` completed checkpoints of a run, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    steps = sorted(
-        (p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / file_name).is_file()),
-        key=lambda p: int(p.name.split("-", 1)[1]) if p.name.split("-", 1)[1].isdigit() else -1,
-    )
-    if last < 1:
-        raise BlendError(f"--last must be at least 1, got {last}")
-    if len(steps) < last:
-        raise BlendError(f"{folder} has {len(steps)} checkpoint(s) with {file_name}; asked for the last {last}")
-    return [p / file_name for p in steps[-last:]]

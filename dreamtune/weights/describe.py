@@ -11,12 +11,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 
-from .convert import _COMPONENT_FILES, component_of, is_diffusers_folder
-from .lora_formats import UNET_PREFIX as KOHYA_UNET_PREFIX
-from .lora_formats import TEXT_ENCODER_INPUT_PREFIXES
-from .merge import lora_layout
+from ..errors import WeightsError
+from .diffusers_folder import COMPONENT_FILES, find_component_file, require_diffusers_folder
+from .ldm_keys import component_of
+from .lora_files import lora_layout
+from .lora_keys import KOHYA_TEXT_ENCODER_INPUT_PREFIXES, KOHYA_UNET_PREFIX
 from .safetensors_io import PathLike, is_pickle_path, load_pickle
 from .single_file import detect_layout
 
@@ -39,14 +41,12 @@ def read_header(path: Path, allow_pickle: bool = False) -> tuple[Header, dict[st
 
 def _flatten_pickle(obj: Any) -> dict[str, Any]:
     """A pickled state dict (``state_dict`` unwrapped, A1111 ``string_to_param`` as ``emb_params``)."""
-    import torch
-
     if isinstance(obj, dict) and "string_to_param" in obj:
         return {"emb_params": next(iter(obj["string_to_param"].values()))}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"the pickle holds a {type(obj).__name__}, not a dict of tensors")
+        raise WeightsError(f"the pickle holds a {type(obj).__name__}, not a dict of tensors")
     return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -87,7 +87,7 @@ def _lora_details(header: Header, layout: str, metadata: dict[str, str], read: A
                 entry["alpha"] = float(read(key).item())
         elif ".lora_A." in key:
             name = key.split(".lora_A.")[0]
-            part = "text_encoder" if name.startswith(("text_encoder.", *TEXT_ENCODER_INPUT_PREFIXES)) else "unet"
+            part = "text_encoder" if name.startswith(("text_encoder.", *KOHYA_TEXT_ENCODER_INPUT_PREFIXES)) else "unet"
             modules[name] = {"part": part, "rank": shape[0], "conv": len(shape) == 4}
     for entry in modules.values():
         entry.setdefault("alpha", float(entry.get("rank", 0)))
@@ -164,8 +164,8 @@ def describe_folder(path: PathLike, allow_pickle: bool = False) -> dict[str, Any
     """Describe a diffusers SD 1.x pipeline folder, component by component."""
     root = Path(path)
     components: dict[str, Any] = {}
-    for component, names in _COMPONENT_FILES.items():
-        weights = next((root / component / n for n in names if (root / component / n).is_file()), None)
+    for component in COMPONENT_FILES:
+        weights = find_component_file(root, component)
         if weights is None:
             continue
         header, _, _ = read_header(weights, allow_pickle)
@@ -187,9 +187,7 @@ def describe(path: PathLike, allow_pickle: bool = False) -> dict[str, Any]:
     """Describe a weight file or a diffusers folder (see :func:`describe_file`)."""
     p = Path(path)
     if p.is_dir():
-        if not is_diffusers_folder(p):
-            raise ValueError(f"{p} is a folder but not a diffusers SD 1.x pipeline (no unet/config.json)")
-        return describe_folder(p, allow_pickle)
+        return describe_folder(require_diffusers_folder(p), allow_pickle)
     if not p.is_file():
         raise FileNotFoundError(f"no such file or folder: {p}")
     return describe_file(p, allow_pickle)

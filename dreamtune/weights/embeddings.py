@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..errors import WeightsError
 from .safetensors_io import (
     PathLike,
     atomic_write,
@@ -42,7 +43,7 @@ def _as_vectors(vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if vectors.ndim == 1:
         vectors = vectors.unsqueeze(0)
     if vectors.ndim != 2 or vectors.shape[0] == 0:
-        raise ValueError(f"embedding vectors must have shape [n_vectors, hidden], got {tuple(vectors.shape)}")
+        raise WeightsError(f"embedding vectors must have shape [n_vectors, hidden], got {tuple(vectors.shape)}")
     return vectors.detach().to("cpu", dtype=dtype).contiguous()
 
 
@@ -56,7 +57,7 @@ def save_diffusers_embedding(
 ) -> Path:
     """Write diffusers' ``{token: Tensor[n, hidden]}`` (``learned_embeds.safetensors``)."""
     if not token:
-        raise ValueError("the diffusers embedding needs a non-empty token (the key is the trigger)")
+        raise WeightsError("the diffusers embedding needs a non-empty token (the key is the trigger)")
     return save_safetensors({token: _as_vectors(vectors, dtype)}, path, metadata)
 
 
@@ -118,9 +119,9 @@ def _from_tensor_dict(
     if A1111_KEY in tensors and len(tensors) == 1:
         return _as_vectors(tensors[A1111_KEY], dtype), None
     if {"clip_l", "clip_g"} & set(tensors):
-        raise ValueError(f"{path} is an SDXL embedding (clip_l/clip_g); dreamtune handles SD 1.x only")
+        raise WeightsError(f"{path} is an SDXL embedding (clip_l/clip_g); dreamtune handles SD 1.x only")
     if len(tensors) != 1:
-        raise ValueError(
+        raise WeightsError(
             f"{path} is not a textual-inversion embedding: expected one tensor "
             f"('emb_params' or the token), found keys {sorted(tensors)[:8]}"
         )
@@ -133,11 +134,25 @@ def _from_pickle(obj: Any, path: Path, dtype: torch.dtype) -> tuple[torch.Tensor
     if isinstance(obj, torch.Tensor):
         return _as_vectors(obj, dtype), None
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not an embedding dict")
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not an embedding dict")
     if "string_to_param" in obj:
         params = obj["string_to_param"]
         if not isinstance(params, Mapping) or len(params) != 1:
-            raise ValueError(f"{path}: string_to_param must be a dict holding exactly one tensor")
+            raise WeightsError(f"{path}: string_to_param must be a dict holding exactly one tensor")
         name = obj.get("name")
         return _as_vectors(next(iter(params.values())), dtype), name if isinstance(name, str) else None
     return _from_tensor_dict(obj, path, dtype)
+
+
+def convert_embedding(src: PathLike, dst: PathLike, to: str, dtype: torch.dtype | None,
+                      metadata: Mapping[str, str], token: str | None = None, allow_pickle: bool = False) -> Path:
+    """diffusers ``{token: vectors}`` <-> A1111 ``{emb_params: vectors}`` (``to``: ``diffusers``/``a1111``)."""
+    vectors, found = load_embedding(src, allow_pickle=allow_pickle, dtype=dtype)  # type: ignore[arg-type]
+    if to == "a1111":
+        return save_a1111_embedding(dst, vectors, name=found or Path(dst).stem, metadata=metadata,
+                                    dtype=vectors.dtype)
+    if to != "diffusers":
+        raise WeightsError(f"an embedding converts to a1111 or diffusers, not {to!r}")
+    name = token or found or Path(src).stem
+    return save_diffusers_embedding(dst, name, vectors, dtype=vectors.dtype, metadata=metadata)
+

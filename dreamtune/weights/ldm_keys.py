@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 import torch
 
+from ..errors import WeightsError
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
@@ -25,6 +27,17 @@ TEXT_MODEL_PREFIX = TEXT_PREFIX + "text_model."
 
 #: Top-level CLIP text-model children; every text-encoder weight lives under one of them.
 TEXT_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def component_of(key: str) -> str:
+    """``unet``, ``vae``, ``text_encoder`` or ``other`` for a single-file key."""
+    if key.startswith(UNET_PREFIX):
+        return "unet"
+    if key.startswith(VAE_PREFIX):
+        return "vae"
+    if key.startswith(TEXT_PREFIX):
+        return "text_encoder"
+    return "other"
 
 _UNET_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UNET_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
@@ -74,7 +87,7 @@ _IDENTITY: dict[str, str] = {}
 _VAE_CONV1X1_PARTS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class KeyMapError(ValueError):
+class KeyMapError(WeightsError):
     """A config or state dict that the SD 1.x single-file layout cannot represent exactly."""
 
 

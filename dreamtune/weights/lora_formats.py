@@ -1,4 +1,4 @@
-"""LoRA files for SD 1.x: PEFT <-> kohya/A1111 keys, kohya metadata, and diffusers' LoRA file.
+"""LoRA spellings for SD 1.x: the LoraFile record, PEFT -> kohya/A1111 tensors, kohya metadata, diffusers' file.
 
 Three spellings of the same adapter:
 
@@ -18,6 +18,9 @@ diffusers 0.42 loads our kohya files exactly when each model (UNet, text encoder
 per-module alphas inside one model are mis-applied by its kohya converter (attention alphas are
 dropped, mixed text-encoder alphas fail to load). A1111/ComfyUI read per-module alphas correctly;
 for diffusers, the folded ``pytorch_lora_weights.safetensors`` is exact in every case.
+
+Module names in each spelling are in :mod:`~dreamtune.weights.lora_keys`; reading any spelling back
+into a :class:`LoraFile` and converting files is in :mod:`~dreamtune.weights.lora_files`.
 """
 
 from __future__ import annotations
@@ -26,13 +29,29 @@ import datetime as _dt
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
+from ..errors import WeightsError
+from .lora_keys import (
+    KOHYA_ALPHA,
+    KOHYA_DOWN,
+    KOHYA_UP,
+    TEXT_MODEL,
+    Part,
+    Scalar,
+    canonical_text_encoder_path,
+    check_rank,
+    kohya_name,
+    lookup,
+    pattern_key,
+    peft_key,
+    peft_pairs,
+)
 from .safetensors_io import (
     PathLike,
     content_sha256,
@@ -40,14 +59,6 @@ from .safetensors_io import (
     save_safetensors,
     stringify_metadata,
 )
-
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"
-#: Text-encoder prefixes accepted on input; diffusers' own exporter writes ``lora_te1_`` for SD 1.x.
-TEXT_ENCODER_INPUT_PREFIXES = ("lora_te_", "lora_te1_")
-KOHYA_DOWN = "lora_down.weight"
-KOHYA_UP = "lora_up.weight"
-KOHYA_ALPHA = "alpha"
 
 #: File name ``StableDiffusionPipeline.load_lora_weights(folder)`` looks for first.
 DIFFUSERS_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -57,138 +68,40 @@ DIFFUSERS_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 KOHYA_ARCHITECTURE = "stable-diffusion-v1/lora"
 KOHYA_BASE_MODEL_VERSION = "sd_v1"
 
-_PEFT_A = ".lora_A.weight"
-_PEFT_B = ".lora_B.weight"
-_PEFT_WRAPPER = "base_model.model."
-_TEXT_MODEL = "text_model."
-
-#: Every segment of the paths of the layers a LoRA can wrap (``Linear``/``Conv2d``) in a diffusers
-#: SD 1.x ``UNet2DConditionModel`` and a transformers ``CLIPTextModel``, digits aside. Splitting a
-#: kohya name into these is unique (checked over all of SD 1.5), so the fallback that needs no
-#: model is exact for SD 1.x and refuses names it does not know.
-SD1_MODULE_SEGMENTS = frozenset(
-    {
-        # UNet2DConditionModel
-        "down_blocks", "mid_block", "up_blocks", "attentions", "resnets", "downsamplers",
-        "upsamplers", "transformer_blocks", "attn1", "attn2", "to_q", "to_k", "to_v", "to_out",
-        "ff", "net", "proj", "proj_in", "proj_out", "conv", "conv1", "conv2", "conv_in",
-        "conv_out", "conv_shortcut", "time_emb_proj", "time_embedding", "linear_1", "linear_2",
-        # CLIPTextModel (``text_model`` before transformers 5) / CLIPTextModelWithProjection
-        "text_model", "encoder", "layers", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
-        "mlp", "fc1", "fc2", "text_projection",
-    }
-)  # fmt: skip
-_MAX_SEGMENT_TOKENS = max(len(s.split("_")) for s in SD1_MODULE_SEGMENTS)
-
-Part = Literal["unet", "text_encoder"]
-Scalar = int | float
+T = TypeVar("T", bound=Hashable)
 
 
 @dataclass
-class KohyaLora:
-    """A kohya LoRA in PEFT naming: per-model ``lora_A``/``lora_B`` dicts plus per-module rank/alpha."""
+class LoraFile:
+    """A LoRA in PEFT naming (``<module>.lora_A.weight``) per model, with per-module rank and alpha.
 
+    ``layout`` names the spelling it was read from (``kohya``, ``diffusers`` or ``peft``).
+    """
+
+    layout: str
     unet: dict[str, torch.Tensor] = field(default_factory=dict)
     text_encoder: dict[str, torch.Tensor] = field(default_factory=dict)
-    alphas: dict[str, float] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def modules(self, part: Part) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module: (lora_A, lora_B)}`` of ``part`` (``unet`` or ``text_encoder``)."""
+        return peft_pairs(self.unet if part == "unet" else self.text_encoder, what=part)
+
+    def scale(self, module: str) -> float:
+        """``alpha / rank`` of one module."""
+        return self.alphas[module] / self.ranks[module]
 
     def lora_config_kwargs(self, part: Part) -> dict[str, Any]:
         """``LoraConfig`` kwargs that rebuild this adapter on ``part`` with the file's scales."""
-        state = self.unet if part == "unet" else self.text_encoder
-        paths = sorted(_peft_pairs(state, what=part))
+        paths = sorted(self.modules(part))
         if not paths:
-            raise ValueError(f"this kohya LoRA has no {part} modules")
-        return _lora_config_kwargs({p: self.ranks[p] for p in paths}, {p: self.alphas[p] for p in paths})
+            raise WeightsError(f"this {self.layout} LoRA has no {part} modules")
+        return lora_config_kwargs({p: self.ranks[p] for p in paths}, {p: self.alphas[p] for p in paths})
 
 
-# ----------------------------------------------------------------------------- PEFT key helpers
-
-
-def canonical_text_encoder_path(path: str) -> str:
-    """Text-encoder module path in transformers-5 naming (no ``text_model.`` level)."""
-    return path[len(_TEXT_MODEL) :] if path.startswith(_TEXT_MODEL) else path
-
-
-def split_peft_key(key: str) -> tuple[str, str]:
-    """``"<module>.lora_A.weight"`` -> ``("<module>", "lora_A")``; anything else raises."""
-    key = key[len(_PEFT_WRAPPER) :] if key.startswith(_PEFT_WRAPPER) else key
-    for suffix, kind in ((_PEFT_A, "lora_A"), (_PEFT_B, "lora_B")):
-        if key.endswith(suffix):
-            return key[: -len(suffix)], kind
-    raise ValueError(
-        f"PEFT key {key!r} is not a LoRA lora_A/lora_B weight; kohya files hold only those "
-        "(DoRA magnitude vectors, LoRA biases and modules_to_save have no kohya spelling). "
-        "Pass the dict from peft.get_peft_model_state_dict(model) of a plain LoRA."
-    )
-
-
-def _peft_pairs(
-    state: Mapping[str, torch.Tensor] | None, *, what: str, strict: bool = True
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Group a PEFT LoRA state dict into ``{module: (lora_A, lora_B)}``, checking shapes agree."""
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in (state or {}).items():
-        try:
-            module, kind = split_peft_key(key)
-        except ValueError:
-            if strict:
-                raise
-            continue
-        halves.setdefault(module, {})[kind] = tensor
-    pairs = {}
-    for module, got in halves.items():
-        if set(got) != {"lora_A", "lora_B"}:
-            missing = ({"lora_A", "lora_B"} - set(got)).pop()
-            raise ValueError(f"{what} LoRA module {module!r} has no {missing}.weight")
-        pairs[module] = (got["lora_A"], got["lora_B"])
-        _check_rank(module, got["lora_A"], got["lora_B"])
-    return pairs
-
-
-def _check_rank(module: str, down: torch.Tensor, up: torch.Tensor) -> int:
-    """Return the rank, raising if lora_A (rows) and lora_B (columns) disagree."""
-    if down.ndim < 2 or up.ndim < 2 or down.shape[0] != up.shape[1]:
-        raise ValueError(
-            f"LoRA module {module!r}: down/lora_A {tuple(down.shape)} and up/lora_B "
-            f"{tuple(up.shape)} do not share a rank (down rows must equal up columns)"
-        )
-    return int(down.shape[0])
-
-
-def _aliases(path: str, part: Part) -> tuple[str, ...]:
-    """Names a user may key a per-module value by: the path, and for the text encoder both spellings."""
-    if part == "unet":
-        return (path,)
-    canon = canonical_text_encoder_path(path)
-    return (path, canon, _TEXT_MODEL + canon)
-
-
-def _pattern_key(patterns: Iterable[str], name: str) -> str | None:
-    """The first PEFT pattern (``rank_pattern``/``alpha_pattern`` key) matching module ``name``, else None."""
-    from peft.utils.other import get_pattern_key  # peft imports transformers: load it only when needed
-
-    keys = list(patterns)
-    key = get_pattern_key(keys, name) if keys else name
-    return key if key in keys else None
-
-
-def _lookup(values: Scalar | Mapping[str, Scalar], path: str, part: Part, what: str) -> Scalar:
-    """Resolve a scalar or per-module mapping (exact path, then PEFT pattern) for one module."""
-    if not isinstance(values, Mapping):
-        return values
-    names = _aliases(path, part)
-    for name in names:
-        if name in values:
-            return values[name]
-    for name in names:
-        key = _pattern_key(values, name)
-        if key is not None:
-            return values[key]
-    raise KeyError(
-        f"{what} has no value for {part} module {path!r}; pass a scalar, or a mapping with an "
-        "entry (module path or PEFT pattern) for every module, e.g. from lora_config_values()"
-    )
+# ----------------------------------------------------------------------------- rank and alpha
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -214,9 +127,9 @@ def lora_config_values(
     rslora = bool(cfg.get("use_rslora", False))
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
-    for module, (down, up) in _peft_pairs(lora_state, what="PEFT", strict=False).items():
-        rank = _check_rank(module, down, up)
-        key = _pattern_key(pattern, module)
+    for module, (down, up) in peft_pairs(lora_state, what="PEFT", strict=False).items():
+        rank = check_rank(module, down, up)
+        key = pattern_key(pattern, module)
         alpha = float(pattern[key]) if key is not None else default_alpha
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         ranks[module] = rank
@@ -224,10 +137,25 @@ def lora_config_values(
     return ranks, alphas
 
 
-def _lora_config_kwargs(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, Any]:
+def ranks_and_alphas(
+    state: Mapping[str, torch.Tensor], config: Any, what: str
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Per-module rank and alpha from a ``LoraConfig`` (see :func:`lora_config_values`); None means alpha = rank."""
+    if config is not None:
+        return lora_config_values(state, config)
+    ranks = {m: check_rank(m, a, b) for m, (a, b) in peft_pairs(state, what=what, strict=False).items()}
+    return ranks, {m: float(r) for m, r in ranks.items()}
+
+
+def most_common(values: Iterable[T]) -> T:
+    """The most frequent value (the first seen among equals)."""
+    return Counter(values).most_common(1)[0][0]
+
+
+def lora_config_kwargs(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, Any]:
     """Smallest ``LoraConfig`` kwargs (most common r/alpha + patterns) reproducing per-module values."""
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    r = most_common(ranks.values())
+    alpha = most_common(alphas.values())
     return {
         "r": r,
         "lora_alpha": alpha,
@@ -238,13 +166,6 @@ def _lora_config_kwargs(ranks: Mapping[str, int], alphas: Mapping[str, float]) -
 
 
 # ----------------------------------------------------------------------------- PEFT -> kohya
-
-
-def _kohya_name(path: str, part: Part) -> str:
-    """kohya module name: prefix + path with dots flattened (text encoder always via ``text_model``)."""
-    if part == "unet":
-        return UNET_PREFIX + path.replace(".", "_")
-    return TEXT_ENCODER_PREFIX + (_TEXT_MODEL + canonical_text_encoder_path(path)).replace(".", "_")
 
 
 def peft_to_kohya(
@@ -265,10 +186,10 @@ def peft_to_kohya(
         ("text_encoder", text_encoder_lora),
     )
     for part, state in parts:
-        for module, (down, up) in _peft_pairs(state, what=part).items():
+        for module, (down, up) in peft_pairs(state, what=part).items():
             _add_kohya_module(out, module, part, down, up, rank, alpha)
     if not out:
-        raise ValueError("peft_to_kohya: both unet_lora and text_encoder_lora are empty; nothing to convert")
+        raise WeightsError("peft_to_kohya: both unet_lora and text_encoder_lora are empty; nothing to convert")
     return out
 
 
@@ -282,159 +203,19 @@ def _add_kohya_module(
     alpha: Scalar | Mapping[str, Scalar],
 ) -> None:
     """Write one module's three kohya tensors into ``out``, checking rank and name collisions."""
-    actual = _check_rank(module, down, up)
-    expected = int(_lookup(rank, module, part, "rank"))
+    actual = check_rank(module, down, up)
+    expected = int(lookup(rank, module, part, "rank"))
     if expected != actual:
-        raise ValueError(
+        raise WeightsError(
             f"{part} module {module!r}: rank={expected} was given but lora_A has {actual} rows; "
             "pass the rank it was trained with (per module if peft rank_pattern was used)"
         )
-    name = _kohya_name(module, part)
+    name = kohya_name(module, part)
     if f"{name}.{KOHYA_DOWN}" in out:
-        raise ValueError(f"two {part} modules map to kohya name {name!r} (was {module!r} given twice?)")
+        raise WeightsError(f"two {part} modules map to kohya name {name!r} (was {module!r} given twice?)")
     out[f"{name}.{KOHYA_DOWN}"] = down
     out[f"{name}.{KOHYA_UP}"] = up
-    out[f"{name}.{KOHYA_ALPHA}"] = torch.tensor(float(_lookup(alpha, module, part, "alpha")))
-
-
-# ----------------------------------------------------------------------------- kohya -> PEFT
-
-
-def kohya_to_peft(
-    tensors: Mapping[str, torch.Tensor],
-    *,
-    unet_module_names: Iterable[str] | None = None,
-    text_encoder_module_names: Iterable[str] | None = None,
-) -> KohyaLora:
-    """kohya/A1111 SD 1.x LoRA tensors -> :class:`KohyaLora` in PEFT naming.
-
-    kohya flattens ``.`` to ``_`` although module names contain ``_``; names are recovered by
-    matching against ``[n for n, _ in model.named_modules()]`` when given, else by an exact split
-    into SD 1.x module segments (which refuses names it does not know). A missing alpha, or alpha 0
-    (kohya's rule), means alpha = rank.
-    """
-    resolvers = {
-        "unet": _resolver(unet_module_names, "unet"),
-        "text_encoder": _resolver(text_encoder_module_names, "text_encoder"),
-    }
-    result = KohyaLora()
-    for lora_name, parts in sorted(_kohya_groups(tensors).items()):
-        part, flat = _split_kohya_prefix(lora_name)
-        _add_peft_module(result, part, resolvers[part](flat, lora_name), lora_name, parts)
-    return result
-
-
-def _kohya_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Group kohya keys by module name, refusing suffixes other than lora_down/lora_up/alpha."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        lora_name, _, suffix = key.partition(".")
-        if suffix not in (KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA):
-            raise ValueError(
-                f"kohya key {key!r}: expected <name>.lora_down.weight, .lora_up.weight or .alpha "
-                "(LyCORIS/LoHa/LoKr/DoRA files are not plain LoRA and cannot be converted)"
-            )
-        groups.setdefault(lora_name, {})[suffix] = tensor
-    if not groups:
-        raise ValueError("kohya_to_peft: the tensor dict is empty")
-    return groups
-
-
-def _split_kohya_prefix(lora_name: str) -> tuple[Part, str]:
-    """``lora_unet_x`` -> ("unet", "x"); ``lora_te[1]_[text_model_]x`` -> ("text_encoder", "x")."""
-    if lora_name.startswith(UNET_PREFIX):
-        return "unet", lora_name[len(UNET_PREFIX) :]
-    for prefix in TEXT_ENCODER_INPUT_PREFIXES:
-        if lora_name.startswith(prefix):
-            flat = lora_name[len(prefix) :]
-            text_model = _TEXT_MODEL.replace(".", "_")
-            return "text_encoder", flat[len(text_model) :] if flat.startswith(text_model) else flat
-    if lora_name.startswith("lora_te2_"):
-        raise ValueError(
-            f"kohya module {lora_name!r} targets SDXL's second text encoder; dreamtune is SD 1.x only"
-        )
-    raise ValueError(f"kohya module {lora_name!r} starts with neither lora_unet_ nor lora_te_/lora_te1_")
-
-
-def _add_peft_module(
-    result: KohyaLora, part: Part, module: str, lora_name: str, parts: Mapping[str, torch.Tensor]
-) -> None:
-    """Store one kohya module as PEFT lora_A/lora_B plus its rank and alpha."""
-    for needed in (KOHYA_DOWN, KOHYA_UP):
-        if needed not in parts:
-            raise ValueError(f"kohya module {lora_name!r} has no {needed}")
-    down, up = parts[KOHYA_DOWN], parts[KOHYA_UP]
-    rank = _check_rank(lora_name, down, up)
-    alpha = float(parts[KOHYA_ALPHA].item()) if KOHYA_ALPHA in parts else 0.0
-    if module in result.ranks:
-        raise ValueError(f"kohya module {lora_name!r} resolves to {module!r}, which another key already uses")
-    target = result.unet if part == "unet" else result.text_encoder
-    target[module + _PEFT_A] = down
-    target[module + _PEFT_B] = up
-    result.ranks[module] = rank
-    result.alphas[module] = alpha if alpha != 0 else float(rank)
-
-
-def _resolver(module_names: Iterable[str] | None, part: Part):
-    """Return ``resolve(flat, lora_name) -> module path`` for ``part``, by model names or SD 1.x segments."""
-    if module_names is None:
-        return lambda flat, lora_name: _unflatten_sd1(flat, lora_name)
-    table = _flat_name_table(module_names, part)
-
-    def resolve(flat: str, lora_name: str) -> str:
-        found = table.get(flat)
-        if found is None:
-            raise ValueError(
-                f"kohya module {lora_name!r}: no {part} module flattens to {flat!r}; "
-                "is the LoRA for a different architecture, or were the wrong module names passed?"
-            )
-        if isinstance(found, tuple):
-            raise ValueError(f"kohya module {lora_name!r} is ambiguous: {found} all flatten to {flat!r}")
-        return found
-
-    return resolve
-
-
-def _flat_name_table(module_names: Iterable[str], part: Part) -> dict[str, str | tuple[str, ...]]:
-    """Map flattened (``.`` -> ``_``) module names to names; collisions become a tuple of candidates."""
-    table: dict[str, str | tuple[str, ...]] = {}
-    for name in module_names:
-        if part == "text_encoder":
-            name = canonical_text_encoder_path(name)
-        if not name or name == _TEXT_MODEL.rstrip("."):
-            continue
-        flat = name.replace(".", "_")
-        prior = table.get(flat)
-        if prior is None or prior == name:
-            table[flat] = name
-        else:
-            table[flat] = tuple(sorted(set((prior if isinstance(prior, tuple) else (prior,)) + (name,))))
-    return table
-
-
-def _is_sd1_segment(segment: str) -> bool:
-    """A digit run or a known SD 1.x module segment."""
-    return segment.isdigit() or segment in SD1_MODULE_SEGMENTS
-
-
-def _unflatten_sd1(flat: str, lora_name: str) -> str:
-    """Split a flattened name into SD 1.x segments; raise unless exactly one split exists."""
-    tokens = flat.split("_")
-    # splits[i]: up to two segmentations of tokens[i:] (two is enough to detect ambiguity)
-    splits: list[list[list[str]]] = [[] for _ in range(len(tokens) + 1)]
-    splits[len(tokens)] = [[]]
-    for i in range(len(tokens) - 1, -1, -1):
-        for j in range(i + 1, min(len(tokens), i + _MAX_SEGMENT_TOKENS) + 1):
-            segment = "_".join(tokens[i:j])
-            if _is_sd1_segment(segment):
-                splits[i].extend([segment] + rest for rest in splits[j][: 2 - len(splits[i])])
-    if len(splits[0]) != 1:
-        problem = "cannot be split into" if not splits[0] else "splits ambiguously into"
-        raise ValueError(
-            f"kohya module {lora_name!r} {problem} SD 1.x module names; pass "
-            "unet_module_names=/text_encoder_module_names= from model.named_modules()"
-        )
-    return ".".join(splits[0][0])
+    out[f"{name}.{KOHYA_ALPHA}"] = torch.tensor(float(lookup(alpha, module, part, "alpha")))
 
 
 # ----------------------------------------------------------------------------- kohya metadata
@@ -542,23 +323,12 @@ def diffusers_lora_state_dict(
     """
     out: dict[str, torch.Tensor] = {}
     for key, tensor in (unet_lora or {}).items():
-        out["unet." + _peft_key(key)] = tensor
+        out["unet." + peft_key(key)] = tensor
     for key, tensor in (text_encoder_lora or {}).items():
-        out["text_encoder." + _TEXT_MODEL + canonical_text_encoder_path(_peft_key(key))] = tensor
+        out["text_encoder." + TEXT_MODEL + canonical_text_encoder_path(peft_key(key))] = tensor
     if not out:
-        raise ValueError("diffusers_lora_state_dict: both unet_lora and text_encoder_lora are empty")
+        raise WeightsError("diffusers_lora_state_dict: both unet_lora and text_encoder_lora are empty")
     return out
-
-
-def _peft_key(key: str) -> str:
-    """Strip PeftModel's ``base_model.model.`` wrapper and check the key is a LoRA tensor."""
-    key = key[len(_PEFT_WRAPPER) :] if key.startswith(_PEFT_WRAPPER) else key
-    if ".lora_" not in key:
-        raise ValueError(
-            f"key {key!r} is not a PEFT LoRA tensor (no '.lora_' in it); "
-            "pass peft.get_peft_model_state_dict(model), not the model's full state dict"
-        )
-    return key
 
 
 def fold_alpha(
@@ -567,7 +337,7 @@ def fold_alpha(
     """Multiply each module's ``lora_B`` (weight and bias) by ``alpha / rank`` so the file needs scale 1."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in lora_state.items():
-        module, sep, _ = _peft_key(key).rpartition(".lora_B.")
+        module, sep, _ = peft_key(key).rpartition(".lora_B.")
         if sep and module in ranks and alphas[module] != ranks[module]:
             tensor = (tensor.float() * (alphas[module] / ranks[module])).to(tensor.dtype)
         out[key] = tensor
@@ -595,7 +365,7 @@ def save_diffusers_lora(
     header = stringify_metadata(metadata)
     for reserved in ("format", DIFFUSERS_ADAPTER_METADATA_KEY):
         if reserved in header:
-            raise ValueError(f"metadata key {reserved!r} is written by save_diffusers_lora; remove it")
+            raise WeightsError(f"metadata key {reserved!r} is written by save_diffusers_lora; remove it")
     folded: dict[Part, dict[str, torch.Tensor]] = {}
     adapter_meta: dict[str, Any] = {}
     for part, state, config in (
@@ -615,18 +385,14 @@ def _fold_part(
     state: Mapping[str, torch.Tensor], config: Any, part: Part
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fold one component's alpha into lora_B; return it with the diffusers adapter metadata (alpha = r)."""
-    if config is None:
-        ranks = {m: _check_rank(m, a, b) for m, (a, b) in _peft_pairs(state, what=part, strict=False).items()}
-        alphas = {m: float(r) for m, r in ranks.items()}
-    else:
-        ranks, alphas = lora_config_values(state, config)
+    ranks, alphas = ranks_and_alphas(state, config, part)
     if not ranks:
-        raise ValueError(f"{part} LoRA has no lora_A/lora_B pairs")
+        raise WeightsError(f"{part} LoRA has no lora_A/lora_B pairs")
     folded = fold_alpha(state, ranks, alphas)
     if part == "text_encoder":
         ranks = {canonical_text_encoder_path(m): r for m, r in ranks.items()}
-    kwargs = _lora_config_kwargs(ranks, {m: float(r) for m, r in ranks.items()})
-    keys = [_peft_key(k) for k in state]
+    kwargs = lora_config_kwargs(ranks, {m: float(r) for m, r in ranks.items()})
+    keys = [peft_key(k) for k in state]
     kwargs["use_dora"] = any(".lora_magnitude_vector" in k for k in keys)
     kwargs["lora_bias"] = any(".lora_B.bias" in k for k in keys)
     return folded, kwargs

@@ -8,122 +8,20 @@ For a module with ``down`` (lora_A, ``[r, in]`` or conv ``[r, in, kh, kw]``), ``
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .convert import TensorSource, WeightsError, component_of
-from .ldm_keys import TEXT_MODEL_PREFIX, KeyMap
-from .lora_formats import (
-    DIFFUSERS_ADAPTER_METADATA_KEY,
-    TEXT_ENCODER_INPUT_PREFIXES,
-    UNET_PREFIX,
-    canonical_text_encoder_path,
-    kohya_to_peft,
-    lora_config_values,
-    split_peft_key,
-)
-from .safetensors_io import PathLike, load_safetensors
+from ..errors import WeightsError
+from .ldm_keys import TEXT_MODEL_PREFIX, KeyMap, component_of
+from .lora_formats import LoraFile
+from .lora_keys import canonical_text_encoder_path
+from .sources import TensorSource
 
 
 class MergeError(WeightsError):
     """A LoRA that does not fit the checkpoint it is merged into."""
-
-
-@dataclass
-class LoraFile:
-    """A LoRA in PEFT naming (``<module>.lora_A.weight``) per model, with per-module rank and alpha."""
-
-    layout: str  # "kohya" | "diffusers" | "peft"
-    unet: dict[str, torch.Tensor] = field(default_factory=dict)
-    text_encoder: dict[str, torch.Tensor] = field(default_factory=dict)
-    ranks: dict[str, int] = field(default_factory=dict)
-    alphas: dict[str, float] = field(default_factory=dict)
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    def modules(self, part: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{module: (lora_A, lora_B)}`` of ``part`` (``unet`` or ``text_encoder``)."""
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in (self.unet if part == "unet" else self.text_encoder).items():
-            module, kind = split_peft_key(key)
-            pairs.setdefault(module, {})[kind] = tensor
-        return {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}
-
-    def scale(self, module: str) -> float:
-        """``alpha / rank`` of one module."""
-        return self.alphas[module] / self.ranks[module]
-
-
-def lora_layout(keys: Sequence[str]) -> str:
-    """``kohya``, ``diffusers`` (``unet.``/``text_encoder.`` prefixed PEFT keys), ``peft`` or ``unknown``."""
-    if keys and all(k.startswith((UNET_PREFIX, *TEXT_ENCODER_INPUT_PREFIXES, "lora_te2_")) for k in keys):
-        return "kohya"
-    lora_keys = [k for k in keys if ".lora_A." in k or ".lora_B." in k]
-    if not lora_keys:
-        return "unknown"
-    if all(k.startswith(("unet.", "text_encoder.")) for k in keys):
-        return "diffusers"
-    return "peft"
-
-
-def _adapter_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
-    """diffusers' packed ``lora_adapter_metadata`` header -> ``{part: LoraConfig kwargs}``."""
-    raw = metadata.get(DIFFUSERS_ADAPTER_METADATA_KEY)
-    if not raw:
-        return {}
-    configs: dict[str, dict] = {}
-    for key, value in json.loads(raw).items():
-        part, _, name = key.partition(".")
-        configs.setdefault(part, {})[name] = value
-    return configs
-
-
-def _split_diffusers(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """``unet.*`` / ``text_encoder.[text_model.]*`` keys -> PEFT dicts per model (text keys canonical)."""
-    unet, text = {}, {}
-    for key, tensor in tensors.items():
-        if key.startswith("unet."):
-            unet[key[len("unet."):]] = tensor
-        elif key.startswith("text_encoder."):
-            text[canonical_text_encoder_path(key[len("text_encoder."):])] = tensor
-    return unet, text
-
-
-def _ranks_alphas(state: Mapping[str, torch.Tensor], config: Mapping | None) -> tuple[dict, dict]:
-    """Per-module rank and alpha from a ``LoraConfig`` dict, or alpha = rank when there is none."""
-    if config and "lora_alpha" in config:
-        return lora_config_values(state, dict(config))
-    pairs = LoraFile("peft", unet=dict(state)).modules("unet")
-    ranks = {m: int(a.shape[0]) for m, (a, _) in pairs.items()}
-    return ranks, {m: float(r) for m, r in ranks.items()}
-
-
-def read_lora(
-    path: PathLike,
-    allow_pickle: bool = False,
-    unet_module_names: Sequence[str] | None = None,
-    text_encoder_module_names: Sequence[str] | None = None,
-) -> LoraFile:
-    """Load a kohya, diffusers or bare-PEFT (UNet) LoRA file into :class:`LoraFile`."""
-    tensors, metadata = load_safetensors(path, allow_pickle=allow_pickle)
-    layout = lora_layout(list(tensors))
-    if layout == "kohya":
-        k = kohya_to_peft(tensors, unet_module_names=unet_module_names,
-                          text_encoder_module_names=text_encoder_module_names)
-        return LoraFile("kohya", k.unet, k.text_encoder, k.ranks, k.alphas, metadata)
-    if layout == "unknown":
-        raise MergeError(f"{path} is not a LoRA: no lora_down/lora_up or lora_A/lora_B keys")
-    unet, text = _split_diffusers(tensors) if layout == "diffusers" else (dict(tensors), {})
-    configs = _adapter_configs(metadata)
-    lora = LoraFile(layout, unet, text, metadata=metadata)
-    for part, state in (("unet", unet), ("text_encoder", text)):
-        ranks, alphas = _ranks_alphas(state, configs.get(part))
-        lora.ranks.update(ranks)
-        lora.alphas.update(alphas)
-    return lora
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor, target_shape: tuple[int, ...], key: str) -> torch.Tensor:

@@ -23,6 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as _serialize
 
+from ..errors import WeightsError
+
 PathLike = str | os.PathLike
 
 #: Suffixes that hold pickled data (refused unless ``allow_pickle=True``).
@@ -146,7 +148,7 @@ def load_pickle(path: PathLike, allow_pickle: bool = False) -> Any:
     """Load a pickled checkpoint with ``torch.load(weights_only=True)``, only when allowed."""
     p = _require_file(path)
     if not allow_pickle:
-        raise ValueError(
+        raise WeightsError(
             f"{p} is a pickled checkpoint ({p.suffix}); loading pickles can run arbitrary code. "
             "Pass allow_pickle=True (CLI: --allow-pickle) if you trust this file, "
             "or convert it to .safetensors."
@@ -154,7 +156,7 @@ def load_pickle(path: PathLike, allow_pickle: bool = False) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError/RuntimeError with long texts
-        raise ValueError(
+        raise WeightsError(
             f"could not load {p} with torch.load(weights_only=True): it holds objects other than "
             f"tensors and plain containers ({err.__class__.__name__}: {str(err).splitlines()[0]})"
         ) from err
@@ -163,7 +165,7 @@ def load_pickle(path: PathLike, allow_pickle: bool = False) -> Any:
 def _split_pickled_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Unwrap ``{"state_dict": ...}``; tensors are returned, top-level scalars become metadata."""
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     metadata: dict[str, str] = {}
     state = obj
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -174,7 +176,7 @@ def _split_pickled_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor],
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(
+            raise WeightsError(
                 f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
                 "this is not a flat state dict (is it a textual-inversion .pt? use load_embedding)"
             )
@@ -192,7 +194,7 @@ def load_safetensors(
     try:
         return load_file(p, device="cpu"), read_metadata(p)
     except SafetensorError as err:
-        raise ValueError(
+        raise WeightsError(
             f"{p} is not a readable .safetensors file ({err}); is it truncated or another format?"
         ) from err
 
@@ -201,12 +203,12 @@ def read_metadata(path: PathLike) -> dict[str, str]:
     """Return the string metadata of a ``.safetensors`` header without loading any tensor."""
     p = _require_file(path)
     if is_pickle_path(p):
-        raise ValueError(f"{p} is a pickled checkpoint; only .safetensors files carry header metadata")
+        raise WeightsError(f"{p} is a pickled checkpoint; only .safetensors files carry header metadata")
     try:
         with safe_open(p, framework="pt", device="cpu") as fh:
             return dict(fh.metadata() or {})
     except SafetensorError as err:
-        raise ValueError(
+        raise WeightsError(
             f"{p} is not a readable .safetensors file ({err}); is it truncated or another format?"
         ) from err
 

@@ -6,21 +6,22 @@ The single-file layout is what AUTOMATIC1111, ComfyUI and InvokeAI load from a c
 models' configs (see :mod:`dreamtune.weights.ldm_keys`) and every conversion checks that each key
 is mapped, in both directions: nothing is dropped, nothing is left over.
 
-``load_single_file_pipeline`` builds a ``StableDiffusionPipeline`` offline from the SD 1.5 configs
-and tokenizer shipped in ``sd1_configs/`` (or from any diffusers folder passed as ``config_dir``).
+:func:`pipeline_from_state` is the one place weights/ builds a ``StableDiffusionPipeline``: from a
+single-file state dict and the configs and tokenizer of a diffusers folder (by default the SD 1.5
+set shipped in ``sd1_configs/``), fully offline.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dreamtune.weights.ldm_keys import (
+from ..errors import WeightsError
+from .diffusers_folder import SD1_CONFIG_DIR, load_clip_tokenizer, read_config
+from .ldm_keys import (
     TEXT_MODEL_PREFIX,
     TEXT_PREFIX,
     TEXT_ROOTS,
@@ -32,52 +33,28 @@ from dreamtune.weights.ldm_keys import (
     unet_key_map,
     vae_key_map,
 )
-from dreamtune.weights.safetensors_io import (
-    PathLike,
-    load_safetensors,
-    modelspec_metadata,
-    save_safetensors,
-)
+from .safetensors_io import PathLike, load_safetensors, modelspec_metadata, save_safetensors
+from .sources import cast_floating
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-#: The SD 1.5 configs and CLIP tokenizer merges that ship with dreamtune (no hub access needed).
-SD1_CONFIG_DIR = Path(__file__).resolve().parent / "sd1_configs"
 
 ARCHITECTURE = "stable-diffusion-v1"
 IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 #: Non-weight entries SD 1.x checkpoints carry (the LDM noise schedule, EMA bookkeeping, CLIP's
 #: position-id buffer): known harmless, dropped on read by exact name.
-HARMLESS_KEYS = frozenset(
-    {
-        "betas",
-        "alphas_cumprod",
-        "alphas_cumprod_prev",
-        "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod",
-        "log_one_minus_alphas_cumprod",
-        "sqrt_recip_alphas_cumprod",
-        "sqrt_recipm1_alphas_cumprod",
-        "posterior_variance",
-        "posterior_log_variance_clipped",
-        "posterior_mean_coef1",
-        "posterior_mean_coef2",
-        "model_ema.decay",
-        "model_ema.num_updates",
-        TEXT_MODEL_PREFIX + "embeddings.position_ids",
-        TEXT_PREFIX + "embeddings.position_ids",
-    }
-)
+HARMLESS_KEYS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "model_ema.decay", "model_ema.num_updates",
+    TEXT_MODEL_PREFIX + "embeddings.position_ids", TEXT_PREFIX + "embeddings.position_ids",
+})  # fmt: skip
 
 #: Whole groups dropped on read: ``model_ema.*`` holds the EMA copy of the UNet in training
 #: checkpoints (flattened names); the live ``model.diffusion_model.*`` weights are the ones loaded.
 HARMLESS_PREFIXES = ("model_ema.",)
-
-_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-_CLIP_MERGES = 49408 - 256 * 2 - len(_SPECIAL_TOKENS)
 
 
 class SingleFileError(KeyMapError):
@@ -134,10 +111,7 @@ def refuse_non_sd1(keys: Iterable[str]) -> None:
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Cast floating-point tensors to ``dtype`` (None keeps them); integer tensors are kept."""
-    tensor = tensor.detach()
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    return tensor.contiguous()
+    return cast_floating(tensor.detach(), dtype).contiguous()
 
 
 def _check_key_sets(got: Iterable[str], expected: Iterable[str], component: str, hint: str) -> None:
@@ -321,18 +295,12 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
-def _default_metadata(parts: Mapping[str, Any], title: str) -> dict[str, str]:
-    """SAI model-spec metadata for an SD 1.x checkpoint (architecture, resolution, prediction)."""
-    scheduler = parts.get("scheduler")
-    prediction = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
-    resolution = _unwrap(parts["vae"]).config.get("sample_size")
-    return modelspec_metadata(
-        architecture=ARCHITECTURE,
-        implementation=IMPLEMENTATION,
-        title=title,
-        resolution=int(resolution) if isinstance(resolution, int) else None,
-        prediction_type="v" if prediction == "v_prediction" else "epsilon",
-    ) | {"format": "pt"}
+def checkpoint_metadata(title: str, extra: Mapping[str, Any] | None = None, *, resolution: int | None = None,
+                        prediction_type: str | None = None) -> dict[str, Any]:
+    """SAI model-spec keys for an SD 1.x single-file checkpoint, then ``extra`` (which wins)."""
+    spec = modelspec_metadata(architecture=ARCHITECTURE, implementation=IMPLEMENTATION, title=title,
+                              resolution=resolution, prediction_type=prediction_type)
+    return spec | {"format": "pt"} | dict(extra or {})
 
 
 def save_single_file(
@@ -351,72 +319,12 @@ def save_single_file(
         unet.state_dict(), vae.state_dict(), text_encoder.state_dict(),
         dict(unet.config), dict(vae.config), dtype=dtype,
     )
-    header = _default_metadata(parts, Path(path).stem) | dict(metadata or {})
+    prediction = getattr(getattr(parts["scheduler"], "config", None), "prediction_type", "epsilon")
+    resolution = vae.config.get("sample_size")
+    header = checkpoint_metadata(Path(path).stem, metadata,
+                                 resolution=int(resolution) if isinstance(resolution, int) else None,
+                                 prediction_type="v" if prediction == "v_prediction" else "epsilon")
     return save_safetensors(tensors, path, header)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """Read a config JSON, naming the file and what to do when it is missing."""
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"config file {path} not found: config_dir must be a diffusers-style folder with "
-            "unet/config.json, vae/config.json, text_encoder/config.json, "
-            "scheduler/scheduler_config.json and tokenizer/"
-        )
-    return json.loads(path.read_text())
-
-
-def _byte_symbols() -> list[str]:
-    """CLIP's 256 byte symbols in vocabulary order: printable Latin-1 bytes as themselves first,
-    then every other byte as chr(256 + n)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
-
-
-def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
-    """Derive CLIP's vocabulary from its merges: bytes, bytes+</w>, one per merge, specials."""
-    symbols = _byte_symbols()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    return {token: i for i, token in enumerate(tokens + list(_SPECIAL_TOKENS))}
-
-
-def _read_merges(path: Path) -> list[tuple[str, str]]:
-    """Read CLIP's gzipped merges file (a version line, then one "a b" pair per line)."""
-    lines = gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
-    merges = [(first, second) for first, second in (line.split(" ") for line in lines[1:] if line)]
-    if len(merges) != _CLIP_MERGES:
-        raise ValueError(f"{path} has {len(merges)} merges; CLIP's tokenizer uses {_CLIP_MERGES}")
-    return merges
-
-
-def load_clip_tokenizer(tokenizer_dir: PathLike) -> CLIPTokenizer:
-    """Load a CLIPTokenizer from a diffusers tokenizer/ folder or from our shipped merges."""
-    from transformers import CLIPTokenizer
-
-    folder = Path(tokenizer_dir)
-    if any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
-        return CLIPTokenizer.from_pretrained(str(folder))
-    merges_file = folder / "merges.txt.gz"
-    if not merges_file.is_file():
-        raise FileNotFoundError(
-            f"no tokenizer in {folder}: expected tokenizer.json, vocab.json + merges.txt, or "
-            "merges.txt.gz; pass config_dir pointing at a diffusers SD 1.x folder"
-        )
-    settings = _read_json(folder / "tokenizer_config.json")
-    merges = _read_merges(merges_file)
-    return CLIPTokenizer(
-        vocab=_clip_vocab(merges),
-        merges=merges,
-        **{k: settings[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")},
-        model_max_length=settings["model_max_length"],
-    )
-
-
-def sd1_tokenizer() -> CLIPTokenizer:
-    """The Stable Diffusion 1.x CLIP tokenizer (OpenAI CLIP BPE, 49408 tokens), built offline."""
-    return load_clip_tokenizer(SD1_CONFIG_DIR / "tokenizer")
 
 
 def _materialize(build: Callable[[], torch.nn.Module], state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype,
@@ -442,8 +350,41 @@ def _load_scheduler(config: dict[str, Any]) -> SchedulerMixin:
     name = config.get("_class_name", "PNDMScheduler")
     cls = getattr(diffusers, name, None)
     if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
-        raise ValueError(f"scheduler _class_name {name!r} is not a diffusers scheduler")
+        raise WeightsError(f"scheduler _class_name {name!r} is not a diffusers scheduler")
     return cls.from_config(config)
+
+
+def pipeline_from_state(
+    state: Mapping[str, torch.Tensor],
+    config_dir: PathLike | None = None,
+    torch_dtype: torch.dtype | None = None,
+    *,
+    ignore_prefixes: tuple[str, ...] = (),
+) -> StableDiffusionPipeline:
+    """A ``StableDiffusionPipeline`` from a single-file SD 1.x state dict, fully offline.
+
+    Configs and tokenizer come from ``config_dir`` (a diffusers folder) or, by default, from the
+    SD 1.5 set shipped in ``sd1_configs/``. ``torch_dtype`` None loads float32.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(config_dir) if config_dir is not None else SD1_CONFIG_DIR
+    unet_config, vae_config = read_config(folder, "unet"), read_config(folder, "vae")
+    text_config = CLIPTextConfig.from_dict(read_config(folder, "text_encoder"))
+    unet_sd, vae_sd, text_sd = single_file_to_diffusers(
+        state, unet_config, vae_config, ignore_prefixes=ignore_prefixes)
+    dtype = torch_dtype or torch.float32
+    return StableDiffusionPipeline(
+        vae=_materialize(lambda: AutoencoderKL.from_config(vae_config), vae_sd, dtype, "VAE"),
+        text_encoder=_materialize(lambda: CLIPTextModel(text_config), text_sd, dtype, "text encoder"),
+        tokenizer=load_clip_tokenizer(folder / "tokenizer"),
+        unet=_materialize(lambda: UNet2DConditionModel.from_config(unet_config), unet_sd, dtype, "UNet"),
+        scheduler=_load_scheduler(read_config(folder, "scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def load_single_file_pipeline(
@@ -454,35 +395,6 @@ def load_single_file_pipeline(
     allow_pickle: bool = False,
     ignore_prefixes: tuple[str, ...] = (),
 ) -> StableDiffusionPipeline:
-    """Build a ``StableDiffusionPipeline`` from a single-file SD 1.x checkpoint, fully offline.
-
-    Configs and tokenizer come from ``config_dir`` (a diffusers folder) or, by default, from the
-    SD 1.5 set shipped in ``sd1_configs/``. ``torch_dtype`` None loads float32. Pickled
-    ``.ckpt`` files are refused unless ``allow_pickle=True``.
-    """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    folder = Path(config_dir) if config_dir is not None else SD1_CONFIG_DIR
+    """:func:`pipeline_from_state` of a single-file checkpoint; pickled ``.ckpt`` files only with ``allow_pickle``."""
     tensors, _ = load_safetensors(path, allow_pickle=allow_pickle)
-    unet_config = _read_json(folder / "unet" / "config.json")
-    vae_config = _read_json(folder / "vae" / "config.json")
-    text_config = CLIPTextConfig.from_dict(_read_json(folder / "text_encoder" / "config.json"))
-    unet_sd, vae_sd, text_sd = single_file_to_diffusers(
-        tensors, unet_config, vae_config, ignore_prefixes=ignore_prefixes)
-    dtype = torch_dtype or torch.float32
-    unet = _materialize(lambda: UNet2DConditionModel.from_config(unet_config), unet_sd, dtype,
-                        "UNet")
-    vae = _materialize(lambda: AutoencoderKL.from_config(vae_config), vae_sd, dtype, "VAE")
-    text_encoder = _materialize(lambda: CLIPTextModel(text_config), text_sd, dtype,
-                                "text encoder")
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=load_clip_tokenizer(folder / "tokenizer"),
-        unet=unet,
-        scheduler=_load_scheduler(_read_json(folder / "scheduler" / "scheduler_config.json")),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return pipeline_from_state(tensors, config_dir, torch_dtype, ignore_prefixes=ignore_prefixes)
