@@ -39,10 +39,11 @@ TARGETS_GIB = {"dreambooth": 12.0}
 def build_sd15_shaped(out: Path) -> Path:
     """Save an SD 1.5-architecture pipeline with random weights (fp32, safetensors) to ``out``."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dreamtune.weights.diffusers_folder import SD1_CONFIG_DIR, read_config, sd1_tokenizer
+    from dreamtune.models.pipeline import build_pipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -51,9 +52,7 @@ def build_sd15_shaped(out: Path) -> Path:
         vae = AutoencoderKL.from_config(read_config(SD1_CONFIG_DIR, "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(read_config(SD1_CONFIG_DIR, "text_encoder")))
     scheduler = PNDMScheduler.from_config(read_config(SD1_CONFIG_DIR, "scheduler"))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=sd1_tokenizer(), unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = build_pipeline(sd1_tokenizer(), text_encoder, vae, unet, scheduler)
     pipe.to("cpu").save_pretrained(out, safe_serialization=True)
     return out
 

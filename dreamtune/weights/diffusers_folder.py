@@ -92,18 +92,11 @@ def component_file(folder: Path, component: str, allow_pickle: bool) -> Path:
 # ----------------------------------------------------------------------------- CLIP tokenizer
 
 
-def _byte_symbols() -> list[str]:
-    """CLIP's 256 byte symbols in vocabulary order: printable Latin-1 bytes as themselves first,
-    then every other byte as chr(256 + n)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
-
-
 def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     """Derive CLIP's vocabulary from its merges: bytes, bytes+</w>, one per merge, specials."""
-    symbols = _byte_symbols()
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())  # CLIP's 256 byte symbols, in vocabulary order
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     return {token: i for i, token in enumerate(tokens + list(_SPECIAL_TOKENS))}
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import WeightsError
+from ..models.pipeline import build_pipeline, resolve_scheduler
 from .diffusers_folder import SD1_CONFIG_DIR, load_clip_tokenizer, read_config
 from .ldm_keys import (
     TEXT_MODEL_PREFIX,
@@ -37,7 +38,7 @@ from .safetensors_io import PathLike, load_safetensors, modelspec_metadata, save
 from .sources import cast_floating
 
 if TYPE_CHECKING:
-    from diffusers import SchedulerMixin, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
 ARCHITECTURE = "stable-diffusion-v1"
 IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -343,17 +344,6 @@ def _materialize(build: Callable[[], torch.nn.Module], state_dict: Mapping[str, 
     return model.eval()
 
 
-def _load_scheduler(config: dict[str, Any]) -> SchedulerMixin:
-    """Instantiate the scheduler class that ``_class_name`` names from its config."""
-    import diffusers
-
-    name = config.get("_class_name", "PNDMScheduler")
-    cls = getattr(diffusers, name, None)
-    if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
-        raise WeightsError(f"scheduler _class_name {name!r} is not a diffusers scheduler")
-    return cls.from_config(config)
-
-
 def pipeline_from_state(
     state: Mapping[str, torch.Tensor],
     config_dir: PathLike | None = None,
@@ -366,7 +356,7 @@ def pipeline_from_state(
     Configs and tokenizer come from ``config_dir`` (a diffusers folder) or, by default, from the
     SD 1.5 set shipped in ``sd1_configs/``. ``torch_dtype`` None loads float32.
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(config_dir) if config_dir is not None else SD1_CONFIG_DIR
@@ -375,15 +365,13 @@ def pipeline_from_state(
     unet_sd, vae_sd, text_sd = single_file_to_diffusers(
         state, unet_config, vae_config, ignore_prefixes=ignore_prefixes)
     dtype = torch_dtype or torch.float32
-    return StableDiffusionPipeline(
-        vae=_materialize(lambda: AutoencoderKL.from_config(vae_config), vae_sd, dtype, "VAE"),
-        text_encoder=_materialize(lambda: CLIPTextModel(text_config), text_sd, dtype, "text encoder"),
-        tokenizer=load_clip_tokenizer(folder / "tokenizer"),
-        unet=_materialize(lambda: UNet2DConditionModel.from_config(unet_config), unet_sd, dtype, "UNet"),
-        scheduler=_load_scheduler(read_config(folder, "scheduler")),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return build_pipeline(
+        load_clip_tokenizer(folder / "tokenizer"),
+        _materialize(lambda: CLIPTextModel(text_config), text_sd, dtype, "text encoder"),
+        _materialize(lambda: AutoencoderKL.from_config(vae_config), vae_sd, dtype, "VAE"),
+        _materialize(lambda: UNet2DConditionModel.from_config(unet_config), unet_sd, dtype, "UNet"),
+        resolve_scheduler(read_config(folder, "scheduler")),
+        progress_bar=True,
     )
 
 

@@ -15,7 +15,8 @@ from ...models.pipeline import build_pipeline, resolve_scheduler
 from ...training.method import Exporter
 from ...weights.blend import blend_with_base
 from ...weights.safetensors_io import save_safetensors
-from ...weights.single_file import SD1_CONFIG_DIR, diffusers_to_single_file, save_single_file
+from ...weights.diffusers_folder import SD1_CONFIG_DIR
+from ...weights.single_file import diffusers_to_single_file, save_single_file
 
 
 class DreamBoothExporter(Exporter):
