@@ -184,7 +184,7 @@ def test_deepspeed_launch_refuses_what_cannot_run_before_anything_loads(tmp_path
 
 def test_eta_counts_the_validations_still_to_come():
     """1 s steps, 10 s validations every 4 of 12 steps: the ETA includes the validations not yet run."""
-    from dreamtune.training.loop import _Eta
+    from dreamtune.training.progress import Eta as _Eta
 
     now = {"t": 0.0}
     eta = _Eta(12, 4, clock=lambda: now["t"])

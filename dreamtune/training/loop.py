@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +11,7 @@ import torch
 from ..config import RunConfig, dump_config
 from ..data.dataset import build_dataset
 from ..data.loader import build_train_loader
-from ..errors import ConfigError, DreamtuneError
+from ..errors import DreamtuneError
 from ..models.dtypes import dtype_of
 from ..models.loading import load_base_model
 from ..models.pipeline import build_pipeline, inference_scheduler
@@ -28,14 +25,16 @@ from .objective import (
     min_snr_weights,
     per_sample_mse,
     prediction_target,
-    sample_generators,
     sample_latents,
     sample_noise,
     sample_timesteps,
 )
+from .caches import latent_encoder, text_cache
+from .launch import make_accelerator, refuse_impossible_launch
 from .optim import build_lr_scheduler, build_optimizer
+from .progress import Eta, StopFlag, flat_config, log_images, run_scalars, run_summary, step_scalars
 from .run_folder import RunFolder
-from .step import StepContext
+from .step import step_context
 
 
 class TrainingDiverged(DreamtuneError, RuntimeError):
@@ -51,39 +50,6 @@ def _diverged(what: str, step: int, checkpoints_dir: Path) -> str:
     )
 
 
-class _Eta:
-    """Time left: the remaining steps at the measured step pace, plus the validations still to come at theirs."""
-
-    def __init__(self, max_steps: int, validation_every: int, clock=time.perf_counter):
-        self.max_steps, self.every, self.clock = max_steps, validation_every, clock
-        self.step_s = self.validation_s = 0.0
-        self.steps = self.validations = 0
-        self._mark, self._validating = clock(), 0.0
-
-    def stepped(self) -> None:
-        now = self.clock()
-        self.step_s += now - self._mark - self._validating
-        self.steps, self._mark, self._validating = self.steps + 1, now, 0.0
-
-    def validated(self, seconds: float) -> None:
-        self.validation_s += seconds
-        self.validations += 1
-        self._validating += seconds
-
-    def remaining(self, step: int) -> float:
-        left = (self.max_steps - step) * self.step_s / max(self.steps, 1)
-        if self.every and self.validations:  # timed once one has run
-            # From this step on every N steps before the last, then once at the end.
-            to_come = (self.max_steps - 1) // self.every - (step - 1) // self.every
-            left += (max(to_come, 0) + 1) * self.validation_s / self.validations
-        return left
-
-    def text(self, step: int) -> str:
-        from tqdm import tqdm
-
-        return tqdm.format_interval(self.remaining(step))
-
-
 @dataclass
 class RunResult:
     """Where a finished (or interrupted) run left its files."""
@@ -95,91 +61,6 @@ class RunResult:
     checkpoints: list[Path] = field(default_factory=list)
     interrupted: bool = False
     last_loss: float = float("nan")
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to finish the step, checkpoint and exit cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def refuse_impossible_launch(cfg: RunConfig) -> None:
-    """Refuse, before data or models load, what cannot run under the way accelerate launched us."""
-    # `accelerate launch` with a DeepSpeed config sets this; Accelerator() reads the same variable.
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return
-    if cfg.train.optimizer == "adamw8bit":
-        raise ConfigError(
-            "train.optimizer=adamw8bit cannot run under DeepSpeed: DeepSpeed owns the optimizer and its "
-            "ZeRO partitioning does not support bitsandbytes' 8-bit state. Use train.optimizer=adamw "
-            "(ZeRO-2 already shards the optimizer state) or launch without DeepSpeed."
-        )
-    section = cfg.method_settings
-    if len(section.trained_models()) > 1:
-        change = section.text_encoder_change()
-        key = change[1] if change and change[1] else f"{cfg.trainer}.train_text_encoder"
-        raise ConfigError(
-            f"{key}=true cannot run under DeepSpeed: accelerate hands DeepSpeed one model per run, and this trains "
-            f"two ({' and '.join(section.trained_models())}). Set {key}=false, "
-            "or launch without DeepSpeed (e.g. --config_file configs/accelerate/multi_gpu.yaml)."
-        )
-
-
-def _make_accelerator(cfg: RunConfig, run_folder: RunFolder):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
-
-    # A second run in the same process (tests, sweeps) may use another precision; the process
-    # group itself (PartialState) is kept.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    # Launched as several processes on a machine without a GPU: accelerate forms a gloo group only
-    # when told the run is on the CPU.
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    try:
-        accelerator = Accelerator(
-            cpu=multi_cpu,
-            mixed_precision=cfg.train.mixed_precision,
-            gradient_accumulation_steps=cfg.train.gradient_accumulation,
-            log_with=list(cfg.logging.report_to) or None,
-            project_config=ProjectConfiguration(project_dir=str(run_folder.root), logging_dir=str(run_folder.logs)),
-        )
-    except ValueError as err:
-        raise ConfigError(f"train.mixed_precision={cfg.train.mixed_precision!r}: {err}") from err
-    if accelerator.device.type == "cpu" and cfg.train.mixed_precision == "fp16":
-        raise ConfigError(
-            "train.mixed_precision=fp16 needs a GPU: PyTorch has no fp16 autocast for training on the CPU. "
-            "Use train.mixed_precision=bf16 (or no) on this machine."
-        )
-    return accelerator
-
-
-def _flat(prefix: str, value, out: dict) -> dict:
-    """Flatten the config for trackers, which accept only scalars."""
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            _flat(f"{prefix}.{key}" if prefix else key, sub, out)
-    else:
-        out[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
 
 
 class Trainer:
@@ -202,7 +83,7 @@ class Trainer:
         cfg = self.cfg
         # Data first: a broken folder fails before a multi-gigabyte model loads.
         self.dataset = build_dataset(cfg.data, seed=cfg.train.seed)
-        self.accelerator = acc = _make_accelerator(cfg, self.run_folder)
+        self.accelerator = acc = make_accelerator(cfg, self.run_folder)
         set_seed(cfg.train.seed)
         self.models = load_base_model(cfg.model)
         self.method.setup(self.models, acc)
@@ -244,10 +125,12 @@ class Trainer:
             rank=acc.process_index,
             dataset=self.dataset,
             class_records=self.method.class_records(acc),
-            latent_encoder=self._latent_encoder(),
+            latent_encoder=latent_encoder(cfg.data, self.models.vae, acc.device),
             tokenizer=self.models.tokenizer,
         )
-        self.text_cache = self._text_cache()
+        self.text_cache = text_cache(
+            cfg.data, lambda captions: self.method.encode_text(self.models.text_encoder, self._input_ids(captions)),
+            self.loader)
         if cfg.data.cache_latents != "none" and not cfg.validation.prompts:
             self.models.vae.to("cpu")  # every latent is cached; only validation would need it again
         if self.text_cache is not None and not cfg.validation.prompts:
@@ -260,32 +143,6 @@ class Trainer:
         self._register_checkpoint_hooks()
         for extra in self.method.checkpoint_objects():
             acc.register_for_checkpointing(extra)
-
-    def _latent_encoder(self):
-        """The VAE as data.cache_latents' encoder (its scaled latent mean and std), or None when not caching."""
-        if self.cfg.data.cache_latents == "none":
-            return None
-        from ..data.latent_cache import LatentEncoder, module_fingerprint
-
-        vae, device = self.models.vae, self.accelerator.device
-
-        def encode(pixels: torch.Tensor) -> torch.Tensor:
-            return latent_moments(vae, pixels.to(device, dtype=vae.dtype))
-
-        return LatentEncoder(encode, module_fingerprint(vae, {**vae.config, "dtype": str(vae.dtype)}))
-
-    def _text_cache(self):
-        """data.cache_text_embeddings: each distinct caption through the frozen text encoder once, or None."""
-        if not self.cfg.data.cache_text_embeddings:
-            return None
-        from ..data.text_cache import TextEmbeddingCache
-
-        m = self.models
-
-        def encode(captions: list[str]) -> torch.Tensor:
-            return self.method.encode_text(m.text_encoder, self._input_ids(captions))
-
-        return TextEmbeddingCache(encode, sorted(self.loader.captions()))
 
     def _input_ids(self, captions: list[str]) -> torch.Tensor:
         """Token ids padded to the text encoder's length, on the device."""
@@ -371,7 +228,7 @@ class Trainer:
             for module in trained.values():
                 module.train()
             path = save_grid(rows, self.run_folder.sample_grid(step), labels=v.prompts)
-            self._log_images(rows, step)
+            log_images(self.accelerator.trackers, rows, step)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -383,42 +240,7 @@ class Trainer:
         return [side_by_side(base_grid, final_grid, self.run_folder.comparison_grid,
                              ("base", f"trained ({step} steps)"))]
 
-    def _log_images(self, rows, step: int) -> None:
-        import numpy as np
-
-        for tracker in self.accelerator.trackers:
-            images = np.stack([np.asarray(img) for row in rows for img in row])
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images("validation", images, step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({"validation": [wandb.Image(img) for img in images]}, step=step)
-
     # -- the loop -------------------------------------------------------------------------------
-    def _step_context(self, batch: dict, micro_step: int) -> StepContext:
-        """Where this micro-batch sits: its step, and each local sample's place in the step's global batch.
-
-        The sampler deals indices round-robin over processes; paired class samples (after the batch's
-        ``num_instance`` instance samples) are placed after the step's every instance sample. Generators are
-        keyed by (seed, step, place), so N processes or N accumulated micro-batches draw what one batch N
-        times larger draws, and a resumed run draws what a straight one would.
-        """
-        t, acc = self.cfg.train, self.accelerator
-        procs, rank = acc.num_processes, acc.process_index
-        batch_len = len(batch["captions"])
-        instances = batch.get("num_instance", batch_len)
-        step, accumulated = divmod(micro_step, t.gradient_accumulation)
-        step_total = t.batch_size * procs * t.gradient_accumulation
-
-        def place(i: int) -> int:
-            return (accumulated * t.batch_size + i) * procs + rank
-
-        positions = [place(i) for i in range(instances)] + [step_total + place(j) for j in range(batch_len - instances)]
-        return StepContext(seed=t.seed, global_step=step, micro_step=micro_step, accumulated=accumulated,
-                           positions=tuple(positions), num_instance=instances,
-                           generators=tuple(sample_generators(t.seed, step, positions)))
-
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
         """The UNet's conditioning: from the text cache, or the text encoder (without autograd while it is frozen)."""
         if self.text_cache is not None:  # data.cache_text_embeddings: the text encoder ran once, before training
@@ -432,9 +254,12 @@ class Trainer:
 
     def _train_step(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict]:
         """One forward/backward on a micro-batch; returns the loss and scalars to log."""
-        m, acc = self.models, self.accelerator
+        m = self.models
         unet = self.trained.get("unet", m.unet)
-        ctx = self._step_context(batch, micro_step)
+        t, acc = self.cfg.train, self.accelerator
+        ctx = step_context(t.seed, micro_step, len(batch["captions"]), batch.get("num_instance"),
+                           batch_size=t.batch_size, accumulation=t.gradient_accumulation,
+                           num_processes=acc.num_processes, rank=acc.process_index)
         captions = self.method.captions(batch["captions"], ctx)
         generators = list(ctx.generators)
         if "latent_moments" in batch:  # data.cache_latents: the VAE ran once, before training
@@ -473,10 +298,10 @@ class Trainer:
         if acc.is_main_process:
             acc.init_trackers(
                 cfg.logging.project,
-                config=_flat("", cfg.model_dump(mode="json"), {}),
+                config=flat_config("", cfg.model_dump(mode="json"), {}),
                 init_kwargs={"wandb": {"dir": str(self.run_folder.logs), "name": cfg.output.name}},
             )
-            self._print_summary(steps_per_epoch)
+            print(run_summary(cfg, acc, self.params, self.models, self.dataset, steps_per_epoch, self.output_dir))
 
         from tqdm.auto import tqdm
 
@@ -486,11 +311,11 @@ class Trainer:
             # Our ETA (in the postfix) counts the validations still to come; tqdm's would not.
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
         )
-        eta = _Eta(cfg.train.max_steps, cfg.validation.every if cfg.validation.prompts else 0)
+        eta = Eta(cfg.train.max_steps, cfg.validation.every if cfg.validation.prompts else 0)
         started, first_step = time.perf_counter(), global_step
         micro_scalars: list[dict] = []
         stopping = False
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while global_step < cfg.train.max_steps and not stopping:
                 self.loader.set_epoch(epoch, skip_batches)
                 batches_in_epoch = skip_batches
@@ -515,7 +340,7 @@ class Trainer:
                     if not acc.sync_gradients:
                         continue
                     accumulated = 0
-                    scalars, stopping = self._step_scalars(micro_scalars, stop.requested)
+                    scalars, stopping = step_scalars(acc, micro_scalars, stop.requested)
                     micro_scalars = []
                     self.method.after_step(global_step + 1)
                     global_step += 1
@@ -526,7 +351,7 @@ class Trainer:
                                          lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
                     if global_step % cfg.logging.every == 0 or global_step == cfg.train.max_steps:
                         rate = (global_step - first_step) / max(time.perf_counter() - started, 1e-9)
-                        acc.log({**scalars, **self._run_scalars(rate)}, step=global_step)
+                        acc.log({**scalars, **run_scalars(cfg.train, self.optimizer, acc.num_processes, rate)}, step=global_step)
                     done = global_step >= cfg.train.max_steps
                     if cfg.train.save_every and global_step % cfg.train.save_every == 0 and not done:
                         result.checkpoints.append(self.save_checkpoint(global_step, epoch, batches_in_epoch))
@@ -572,49 +397,6 @@ class Trainer:
         acc.wait_for_everyone()
         return exported
 
-    def _step_scalars(self, micro: list[dict], stop_requested: bool) -> tuple[dict[str, float], bool]:
-        """One step's scalars, averaged over its micro-batches and all processes; and whether any process must stop."""
-        keys = [k for k in micro[0] if k != "grad_norm"]  # the grad norm is already global and per step
-        local = [sum(m[k] for m in micro) / len(micro) for k in keys] + [float(stop_requested)]
-        acc = self.accelerator
-        reduced = acc.reduce(torch.tensor(local, device=acc.device), reduction="mean").tolist()
-        scalars = dict(zip(keys, reduced))
-        if "grad_norm" in micro[-1]:
-            scalars["grad_norm"] = micro[-1]["grad_norm"]
-        # Every process stops at the same step, or the others would wait forever in the next all-reduce.
-        return scalars, reduced[-1] > 0
-
-    def _run_scalars(self, steps_per_s: float) -> dict[str, float]:
-        """Learning rate per parameter group, throughput and peak memory, for the trackers."""
-        t = self.cfg.train
-        scalars = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
-        scalars["steps_per_s"] = steps_per_s
-        scalars["samples_per_s"] = steps_per_s * t.batch_size * t.gradient_accumulation * self.accelerator.num_processes
-        if torch.cuda.is_available():
-            scalars["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        else:
-            import resource
-
-            scalars["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        return scalars
-
-    def _print_summary(self, steps_per_epoch: float) -> None:
-        cfg, acc = self.cfg, self.accelerator
-        trainable = sum(p.numel() for p in self.params)
-        total = sum(p.numel() for m in self.models.components().values() if isinstance(m, torch.nn.Module)
-                    for p in m.parameters())
-        effective = cfg.train.batch_size * cfg.train.gradient_accumulation * acc.num_processes
-        epochs = f"~{math.ceil(cfg.train.max_steps / steps_per_epoch)}" if steps_per_epoch else "unknown"
-        print(
-            f"dreamtune: {cfg.trainer} on {cfg.model.pretrained}\n"
-            f"  trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)\n"
-            f"  {len(self.dataset)} examples per epoch from {len(self.dataset.records)} images (with repeats), "
-            f"{cfg.train.max_steps} steps, {epochs} epochs\n"
-            f"  effective batch {effective} (batch {cfg.train.batch_size} x accumulation "
-            f"{cfg.train.gradient_accumulation} x {acc.num_processes} processes), precision "
-            f"{cfg.train.mixed_precision}, device {acc.device}\n"
-            f"  outputs -> {self.output_dir}"
-        )
 
 
 def train(cfg: RunConfig) -> RunResult:

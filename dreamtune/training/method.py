@@ -60,6 +60,7 @@ class TrainingMethod:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.settings = cfg.method_settings
         self.models: BaseModel | None = None
 
     # -- setup --------------------------------------------------------------------------------
@@ -72,12 +73,13 @@ class TrainingMethod:
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         """Name -> module for every model holding trainable weights (prepared, accumulated, saved)."""
         assert self.models is not None, "setup() must run first"
-        names = self.cfg.method_settings.trained_models()
+        names = self.settings.trained_models()
         return {name: getattr(self.models, name) for name in names}
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups, one per trained module, at ``learning_rate``."""
-        return [{"name": name, "params": [p for p in module.parameters() if p.requires_grad], "lr": learning_rate}
+        """One optimizer group per trained module, at the section's ``<module>_lr`` if set, else ``learning_rate``."""
+        return [{"name": name, "params": [p for p in module.parameters() if p.requires_grad],
+                 "lr": getattr(self.settings, f"{name}_lr", None) or learning_rate}
                 for name, module in self.trained_modules().items()]
 
     def class_records(self, accelerator) -> list | None:

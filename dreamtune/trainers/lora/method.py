@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ...errors import ConfigError
@@ -35,9 +33,7 @@ class LoraMethod(TrainingMethod):
     name = "lora"
     exporter_class = LoraExporter
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.settings: LoraSettings = cfg.lora
+    settings: LoraSettings
 
     @property
     def text_encoder_rank(self) -> int:
@@ -57,10 +53,3 @@ class LoraMethod(TrainingMethod):
             models.text_encoder.add_adapter(
                 _lora_config(self.text_encoder_rank, self.text_encoder_alpha, s.dropout, s.text_encoder_target_modules)
             )
-
-    def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
-        groups = super().parameter_groups(learning_rate)
-        for group in groups:
-            if group["name"] == "text_encoder":
-                group["lr"] = self.settings.text_encoder_lr or learning_rate
-        return groups

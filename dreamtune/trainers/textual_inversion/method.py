@@ -33,9 +33,10 @@ class TextualInversionMethod(TrainingMethod):
     name = "textual_inversion"
     exporter_class = TextualInversionExporter
 
+    settings: TextualInversionSettings
+
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.settings: TextualInversionSettings = cfg.textual_inversion
         self.placeholder = self.settings.placeholder_token
         self.tokens = placeholder_tokens(self.placeholder, self.settings.num_vectors)
         self.token_ids: list[int] = []
