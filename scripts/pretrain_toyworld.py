@@ -1,6 +1,6 @@
 """Pretrain the toy-world base model and its classifier from scratch (2 CPU cores: about 50 minutes).
 
-    python scripts/pretrain_toyworld.py --out examples/toyworld --seed 0
+    python scripts/pretrain_toyworld.py --out dreamtune/toyworld/assets --seed 0
     python scripts/pretrain_toyworld.py --out runs/toyworld --device cuda   # same data, other arithmetic: other weights
     python scripts/pretrain_toyworld.py --classifier-only   # retrain the judge on the committed VAE (~10 min)
 
@@ -19,7 +19,8 @@ sys.path.insert(0, str(REPO))
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "examples" / "toyworld"))
+    parser.add_argument("--out", default=str(REPO / "dreamtune" / "toyworld" / "assets"),
+                        help="folder for model/, classifier/ and pretrain_report.json (default: the shipped ones)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the recipe's denoiser steps")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dreamtune.toyworld import world
-from dreamtune.toyworld.benchmark import CLASSIFIER_DIR, CONCEPT, MODEL_DIR, TOYWORLD_DIR, write_concept_folder
+from dreamtune.toyworld.benchmark import CONCEPT, write_concept_folder
+from dreamtune.toyworld.paths import CLASSIFIER_DIR, MODEL_DIR, TOYWORLD_DIR
 
 # ---- the world ------------------------------------------------------------------------------
 
@@ -305,7 +306,39 @@ def test_benchmark_points_every_source_of_the_prior_recipe_at_its_folder(tmp_pat
 
 
 def test_model_dir_constants_point_into_the_repo():
-    assert TOYWORLD_DIR == Path(__file__).resolve().parents[1] / "examples" / "toyworld"
+    assert TOYWORLD_DIR == Path(__file__).resolve().parents[1] / "dreamtune" / "toyworld" / "assets"
+
+
+def test_benchmark_entries_are_the_packaged_recipes_and_configs_links_them():
+    """One recipe file per entry inside the package; configs/ shows them under their user-facing names."""
+    from dreamtune.toyworld import benchmark
+    from dreamtune.toyworld.paths import RECIPE_DIR
+
+    assert set(benchmark.ENTRIES) == set(benchmark.TARGETS) == {"lora", "dreambooth", "dreambooth_prior",
+                                                                "textual_inversion"}
+    assert all(path.parent == RECIPE_DIR for path in benchmark.ENTRIES.values())
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    links = {"quickstart_lora.yaml": "lora", "toyworld_dreambooth.yaml": "dreambooth",
+             "toyworld_dreambooth_prior.yaml": "dreambooth_prior", "toyworld_ti.yaml": "textual_inversion"}
+    for name, entry in links.items():
+        assert (configs / name).resolve() == benchmark.ENTRIES[entry].resolve(), name
+    assert [benchmark.uses_prior(path) for path in benchmark.ENTRIES.values()] == [
+        entry == "dreambooth_prior" for entry in benchmark.ENTRIES]
+
+
+def test_benchmark_reads_an_extra_recipe_as_a_new_entry(tmp_path, trained_configs):
+    """A recipe dropped into the recipe folder is an entry; its word comes from the recipe."""
+    import shutil
+
+    from dreamtune.toyworld import benchmark
+
+    shutil.copy(benchmark.ENTRIES["textual_inversion"], tmp_path / "ti_three_vectors.yaml")
+    final, _, word = benchmark.train_entry("ti_three_vectors", tmp_path, tmp_path / "data", None, 7, True,
+                                           MODEL_DIR, recipe_dir=tmp_path)
+    [cfg] = trained_configs
+    assert cfg.trainer == "textual_inversion" and word == "<sks>" and final == tmp_path / "out" / "final"
+    with pytest.raises(ValueError, match="unknown lora; choose from ti_three_vectors"):
+        benchmark.run_benchmark(tmp_path / "bench", ["lora"], 4, 0, True, recipe_dir=tmp_path)
 
 
 # ---- the README quickstart --------------------------------------------------------------------
@@ -385,3 +418,90 @@ def test_benchmark_over_seeds_writes_each_run_and_a_summary(tmp_path, capsys):
     concepts = [r["rows"]["lora"]["concept_fidelity"] for r in per_seed]
     assert summary["rows"]["lora"]["concept_fidelity"] == pytest.approx(sum(concepts) / 2)
     assert "| lora |" in (out / "summary.md").read_text() and "2 seeds: 0, 1" in capsys.readouterr().out
+
+
+def test_benchmark_tells_an_export_by_its_files(tmp_path):
+    from dreamtune.toyworld.benchmark import export_kind, export_size
+
+    (tmp_path / "db" / "diffusers").mkdir(parents=True)
+    (tmp_path / "db" / "diffusers" / "model_index.json").write_text("{}")
+    (tmp_path / "db" / "a.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"x" * 3)
+    (tmp_path / "ti").mkdir()
+    (tmp_path / "ti" / "learned_embeds.safetensors").write_bytes(b"x" * 2)
+    assert [export_kind(n, tmp_path / n) for n in ("db", "lora", "ti")] == ["pipeline", "lora", "embedding"]
+    assert [export_size(n, tmp_path / n) for n in ("db", "lora", "ti")] == [10, 3, 2]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="exported no diffusers model"):
+        export_kind("empty", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="wrote no final export"):
+        export_kind("missing", tmp_path / "missing")
+
+
+# ---- from an installed wheel ------------------------------------------------------------------
+
+
+def _copy_source(dest: Path) -> Path:
+    """The checkout without git data or build leftovers (a stale build/lib would leak into the wheel)."""
+    import shutil
+
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "outputs", "runs",
+                                  "wandb", ".pytest_cache")
+    return Path(shutil.copytree(Path(__file__).resolve().parents[1], dest, ignore=skip, symlinks=True))
+
+
+@pytest.mark.slow
+def test_benchmark_runs_from_an_installed_wheel(tmp_path):
+    """`pip install` of the built wheel, then `dreamtune evaluate --benchmark toyworld` from elsewhere.
+
+    The new venv reaches this environment's packages through a .pth line (nothing is downloaded);
+    the dreamtune it imports must be the installed one, with its model, judge and recipes inside.
+    """
+    import os
+    import site
+    import subprocess
+    import sys
+    import sysconfig
+    import venv
+
+    source = _copy_source(tmp_path / "src")
+    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                          "-q", "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    [wheel] = (tmp_path / "dist").glob("dreamtune-*.whl")
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / ("Scripts" if os.name == "nt" else "bin") / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    ours = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
+    (Path(purelib) / "dreamtune_test_deps.pth").write_text("\n".join(sorted(ours)) + "\n")
+    run = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
+                          "-q", "--disable-pip-version-check", str(wheel)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    # One torch thread, as conftest sets for this process: on a 2-core box the default two threads per
+    # op contend, and the quick LoRA entry trains in ~5 s instead of ~2 min.
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
+    where = subprocess.run([str(python), "-c", "import dreamtune.toyworld.benchmark as b; "
+                            "print(b.__file__); print(b.MODEL_DIR); print(sorted(b.ENTRIES))"],
+                           cwd=work, env=env, capture_output=True, text=True)
+    assert where.returncode == 0, where.stderr
+    module, model_dir, entries = where.stdout.splitlines()
+    installed = Path(purelib).resolve() / "dreamtune"
+    assert Path(module).resolve().is_relative_to(installed), module
+    assert Path(model_dir).resolve().is_relative_to(installed) and (Path(model_dir) / "model_index.json").is_file()
+    assert entries == str(["dreambooth", "dreambooth_prior", "lora", "textual_inversion"])
+
+    dreamtune = python.with_name("dreamtune.exe" if os.name == "nt" else "dreamtune")
+    run = subprocess.run([str(dreamtune), "evaluate", "--benchmark", "toyworld", "--quick", "--trainers", "lora",
+                          "--samples", "2", "--out", str(work / "bench")], cwd=work, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    rows = json.loads((work / "bench" / "results.json").read_text())["rows"]
+    assert set(rows) == {"base (untrained)", "lora"} and rows["lora"]["export_bytes"] > 0
+    assert (work / "bench" / "lora" / "samples.png").is_file() and "| lora |" in run.stdout

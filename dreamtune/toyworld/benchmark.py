@@ -4,6 +4,10 @@ Every trainer learns the heart (a shape the base never saw) under the rare word 
 rendered images, with its shipped toy-world recipe. The exported files are loaded through
 diffusers and their samples scored by the toy-world classifier: concept fidelity, prompt
 fidelity, drift on the base's own prompts, training time and file size.
+
+The entries are the recipes in ``recipes/`` (package data, see :mod:`.paths`): a recipe file adds a
+row, and what the row trains, which word it learns and how its export loads all come from the recipe
+and the files it writes.
 """
 
 from __future__ import annotations
@@ -15,14 +19,10 @@ from pathlib import Path
 
 from . import world
 from .generate import generate, score
+from .paths import CLASSIFIER_DIR, MODEL_DIR, RECIPE_DIR, find_recipes
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TOYWORLD_DIR = REPO_ROOT / "examples" / "toyworld"
-MODEL_DIR = TOYWORLD_DIR / "model"
-CLASSIFIER_DIR = TOYWORLD_DIR / "classifier"
-
+#: The word the untrained base is prompted with: what the recipes teach, unknown to the base.
 TOKEN = "sks"
-TI_TOKEN = "<sks>"
 CONCEPT = world.NEW_SHAPES[0]
 CONCEPT_COLOR = "red"
 #: What a sample must show to count as the subject: its shape and its colour (a DINO or CLIP-I score
@@ -39,14 +39,10 @@ CONCEPT_SCENES = (
 MODIFIER_PROMPTS = (("a photo of {t} in blue", {"color": "blue"}), ("a photo of {t}, top left", {"position": "top left"}))
 CONCEPT_PROMPT = "a photo of {t}"
 
-#: The shipped config (in configs/) each benchmark entry trains with, unchanged but for paths and seed.
-ENTRIES = {
-    "lora": "quickstart_lora.yaml",
-    "dreambooth": "toyworld_dreambooth.yaml",
-    "dreambooth_prior": "toyworld_dreambooth_prior.yaml",
-    "textual_inversion": "toyworld_ti.yaml",
-}
-#: Targets from the issue: minimum concept fidelity, prompt fidelity, base-prompt accuracy.
+#: Entry -> the shipped recipe it trains with, unchanged but for paths and seed.
+ENTRIES = find_recipes()
+#: Targets from the issue: minimum concept fidelity, prompt fidelity, base-prompt accuracy. An entry
+#: without targets is scored and reported ("-" in the targets column).
 TARGETS = {
     "lora": {"concept": 0.8, "prompt": 0.6},
     "dreambooth": {"concept": 0.8, "prompt": 0.6},
@@ -94,20 +90,37 @@ def load_base(model_dir: Path):
         str(model_dir), safety_checker=None, requires_safety_checker=False, use_safetensors=True)
 
 
+#: The file each kind of export is shared as, beside the diffusers files a user loads it through.
+LORA_FILE = "pytorch_lora_weights.safetensors"
+EMBEDDING_FILE = "learned_embeds.safetensors"
+
+
+def export_kind(entry: str, final: Path) -> str:
+    """What a run exported, read from its final folder: "pipeline" (a full model), "lora" or "embedding"."""
+    if not final.is_dir():
+        raise FileNotFoundError(f"{final}: the {entry} run wrote no final export")
+    if (final / "diffusers" / "model_index.json").is_file():
+        return "pipeline"
+    if (final / LORA_FILE).is_file():
+        return "lora"
+    if (final / EMBEDDING_FILE).is_file():
+        return "embedding"
+    raise FileNotFoundError(f"{final}: the {entry} run exported no diffusers model, {LORA_FILE} or {EMBEDDING_FILE}")
+
+
 def load_export(entry: str, model_dir: Path, final: Path):
     """The trained pipeline, built from the exported files only (as a user would load them)."""
     from diffusers import StableDiffusionPipeline
 
-    if not final.is_dir():
-        raise FileNotFoundError(f"{final}: the {entry} run wrote no final export")
-    if entry.startswith("dreambooth"):
+    kind = export_kind(entry, final)
+    if kind == "pipeline":
         return StableDiffusionPipeline.from_pretrained(
             str(final / "diffusers"), safety_checker=None, requires_safety_checker=False, use_safetensors=True)
     pipe = load_base(model_dir)
-    if entry == "lora":
-        pipe.load_lora_weights(str(final), weight_name="pytorch_lora_weights.safetensors")
+    if kind == "lora":
+        pipe.load_lora_weights(str(final), weight_name=LORA_FILE)
     else:
-        pipe.load_textual_inversion(str(final / "learned_embeds.safetensors"))
+        pipe.load_textual_inversion(str(final / EMBEDDING_FILE))
     return pipe
 
 
@@ -152,10 +165,10 @@ def save_sample_grid(images, samples: int, path: Path, columns: int = 8) -> None
 
 def export_size(entry: str, final: Path) -> int:
     """Bytes of the file a user would share: the single-file checkpoint, the LoRA or the embedding."""
-    if entry.startswith("dreambooth"):
+    kind = export_kind(entry, final)
+    if kind == "pipeline":
         return max(p.stat().st_size for p in final.glob("*.safetensors"))
-    name = "pytorch_lora_weights.safetensors" if entry == "lora" else "learned_embeds.safetensors"
-    return (final / name).stat().st_size
+    return (final / (LORA_FILE if kind == "lora" else EMBEDDING_FILE)).stat().st_size
 
 
 def _size(n: int | None) -> str:
@@ -174,13 +187,25 @@ def concept_folder_override(recipe: Path, data_dir: Path) -> str:
     return "data.sources=" + json.dumps([{**source, "instance_dir": str(data_dir)} for source in sources])
 
 
+def uses_prior(recipe: Path) -> bool:
+    """Whether ``recipe`` trains with prior preservation (it then needs the base's class images)."""
+    from ..config import read_yaml
+
+    return bool((read_yaml(recipe).get("dreambooth") or {}).get("prior_preservation"))
+
+
+def learned_word(cfg) -> str:
+    """The word a run's exported files answer to: the new token of Textual Inversion, else data.token."""
+    return cfg.textual_inversion.placeholder_token if cfg.trainer == "textual_inversion" else cfg.data.token
+
+
 def train_entry(entry: str, out: Path, data_dir: Path, class_dir: Path | None, seed: int, quick: bool,
-                model_dir: Path):
-    """Train one benchmark entry in-process with its shipped recipe; returns (final dir, seconds)."""
+                model_dir: Path, recipe_dir: Path = RECIPE_DIR):
+    """Train one benchmark entry in-process with its shipped recipe; returns (final dir, seconds, word learned)."""
     from ..config import load_config
     from ..training.loop import train
 
-    recipe = REPO_ROOT / "configs" / ENTRIES[entry]
+    recipe = find_recipes(recipe_dir)[entry]
     overrides = [
         f"model.pretrained={model_dir}",
         concept_folder_override(recipe, data_dir),
@@ -200,11 +225,13 @@ def train_entry(entry: str, out: Path, data_dir: Path, class_dir: Path | None, s
             cfg.dreambooth.text_encoder_steps = max(1, cfg.dreambooth.text_encoder_steps // 10)
     started = time.time()
     result = train(cfg)
-    return Path(result.output_dir) / "final", time.time() - started
+    return Path(result.output_dir) / "final", time.time() - started, learned_word(cfg)
 
 
 def _check(entry: str, row: dict) -> str:
-    wanted = TARGETS.get(entry, {})
+    wanted = TARGETS.get(entry)
+    if not wanted:
+        return "-"
     names = {"concept": "concept_fidelity", "prompt": "prompt_fidelity", "base_accuracy": "base_accuracy"}
     missed = [f"{k} {row[names[k]]:.2f} < {v:.2f}" for k, v in wanted.items() if row[names[k]] < v]
     return "met" if not missed else "missed: " + ", ".join(missed)
@@ -228,10 +255,11 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 def run_benchmark(out: Path, trainers: list[str], samples: int, seed: int, quick: bool,
                   model_dir: Path = MODEL_DIR, classifier_dir: Path = CLASSIFIER_DIR, log=print,
-                  device: str = "cpu") -> dict:
+                  device: str = "cpu", recipe_dir: Path = RECIPE_DIR) -> dict:
     """Train and score every entry in ``trainers``; writes results.json, results.md and sample grids.
 
-    ``device`` runs the scoring pipelines; training picks its device through accelerate as usual.
+    The entries are the recipes in ``recipe_dir``. ``device`` runs the scoring pipelines; training
+    picks its device through accelerate as usual.
     """
     from diffusers.utils import logging as diffusers_logging
 
@@ -239,9 +267,10 @@ def run_benchmark(out: Path, trainers: list[str], samples: int, seed: int, quick
 
     diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" is expected here
 
-    unknown = [t for t in trainers if t not in ENTRIES]
+    recipes = find_recipes(recipe_dir)
+    unknown = [t for t in trainers if t not in recipes]
     if unknown:
-        raise ValueError(f"--trainers: unknown {', '.join(unknown)}; choose from {', '.join(ENTRIES)}")
+        raise ValueError(f"--trainers: unknown {', '.join(unknown)}; choose from {', '.join(recipes)}")
     if not (model_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{model_dir}: toy-world model missing; run scripts/pretrain_toyworld.py")
     judge = load_classifier(classifier_dir)
@@ -254,15 +283,15 @@ def run_benchmark(out: Path, trainers: list[str], samples: int, seed: int, quick
     rows["base (untrained)"] = {**measured, "targets": "-"}
     log(f"base: {measured['concept_fidelity']:.0%} concept, {measured['base_accuracy']:.0%} base prompts")
 
+    prior = {entry: uses_prior(recipes[entry]) for entry in trainers}
     class_dir = None
-    if "dreambooth_prior" in trainers:
+    if any(prior.values()):
         class_dir = write_class_images(base, out / "class_images", 16 if quick else 64, seed)
     data = write_concept_folder(out / "data" / "concept")
     del base
     for entry in trainers:
-        token = TI_TOKEN if entry == "textual_inversion" else TOKEN
-        final, seconds = train_entry(entry, out, data, class_dir if entry == "dreambooth_prior" else None,
-                                     seed, quick, model_dir)
+        final, seconds, token = train_entry(entry, out, data, class_dir if prior[entry] else None,
+                                            seed, quick, model_dir, recipe_dir)
         measured = evaluate_pipeline(load_export(entry, model_dir, final).to(device), judge, token, samples, seed)
         save_sample_grid(measured.pop("images"), samples, out / entry / "samples.png")
         row = {**measured, "train_seconds": seconds, "export_bytes": export_size(entry, final)}
@@ -288,7 +317,7 @@ def summarize_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
         values = {m: [rows[entry][m] for rows in per_seed.values()] for m in METRICS}
         row = {m: sum(v) / len(v) for m, v in values.items()}
         row["range"] = {m: (min(v), max(v)) for m, v in values.items()}
-        row["targets"] = _check(entry, row) if entry in ENTRIES else "-"
+        row["targets"] = _check(entry, row)
         summary[entry] = row
     return summary
 

@@ -3,8 +3,8 @@
 It stands in for DINO/CLIP: it says which shape, colour, size, position and background a
 generated image shows, so fidelity is a share of correctly classified samples. A judge that must
 name one of six shapes names one for anything, so it also learns "none": an empty background, or a
-speck too small for any shape to be read (without it, specks the base draws for colourless prompts
-were called the new shape).
+speck too small for any shape to be read. The base draws such specks for words it does not know
+(e.g. "a photo of diamond"), and they must not count as the concept.
 """
 
 from __future__ import annotations

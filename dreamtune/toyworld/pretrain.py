@@ -68,9 +68,10 @@ TOY_RECIPE = {
     # Every caption names the position: at 0.6 the model learned to ignore it (19% right, chance 20%).
     "caption_position_rate": 1.0,
     # Share of captions naming the colour. At 1.0 (the committed model) "a photo of a circle" draws
-    # a square 97% of the time and shapes without a colour come out right 54% of the time; 0.8
-    # lifted that to 90% but more than halved LoRA's concept fidelity on the benchmark's earlier
-    # four-colour concept images (docs/benchmarks.md; not retried on the red star), so it stays 1.0.
+    # a square 97% of the time and shapes without a colour come out right about half the time. A
+    # lower rate fixes that (0.8: 90%) but costs the trainers more than it gives: LoRA's concept
+    # fidelity more than halves and DreamBooth with prior preservation loses the concept
+    # (measured in docs/benchmarks.md, "The base model"), so every caption names the colour.
     "caption_color_rate": 1.0,
     "min_snr_gamma": 5.0,
     "ema_decay": 0.999,
@@ -289,7 +290,7 @@ def retrain_judge(out_dir: str | Path, log=print, device: str = "cpu") -> dict:
     out = Path(out_dir)
     saved = json.loads((out / "model" / "dreamtune_recipe.json").read_text())
     seed = saved.pop("seed")
-    recipe = {**TOY_RECIPE, **saved}  # a model written before a report setting existed gets its default
+    recipe = {**TOY_RECIPE, **saved}  # a setting the saved recipe lacks takes the current default
     pipe = StableDiffusionPipeline.from_pretrained(
         str(out / "model"), safety_checker=None, requires_safety_checker=False, use_safetensors=True).to(device)
     old = json.loads((out / "pretrain_report.json").read_text())

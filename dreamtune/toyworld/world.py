@@ -18,9 +18,9 @@ RESOLUTION = 32
 SUPERSAMPLE = 4
 
 BASE_SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-#: Shapes the base model never sees; the benchmark teaches one of them under a rare token. The heart,
-#: not a star: the base's VAE rounds a star's thin points off into a pentagon blob (docs/benchmarks.md),
-#: and keeps a heart's lobes and tip, as SD's VAE keeps a subject it was never captioned with.
+#: Shapes the base model never sees; the benchmark teaches one of them under a rare token. A heart,
+#: because its lobes and tip survive the base's VAE, as SD's VAE keeps a subject it was never
+#: captioned with; thin features (a star's 2-3 px points) come back as a blob (docs/benchmarks.md).
 NEW_SHAPES = ("heart",)
 ALL_SHAPES = BASE_SHAPES + NEW_SHAPES
 
