@@ -382,6 +382,9 @@ def test_quickstart_teaches_the_heart_and_shows_base_vs_trained(tmp_path, judge)
     after = [p["shape"] for p in judge.predict(_grid_cells(samples / f"step-{steps:06d}.png", rows, columns)[0])]
     assert before.count(CONCEPT) <= 1 and after.count(CONCEPT) >= columns - 1, (before, after)
     assert sorted(p.name for p in result.exported) == ["pytorch_lora_weights.safetensors", "sks_heart_lora.safetensors"]
+    card = (result.output_dir / "README.md").read_text()
+    assert "- Trigger: `sks`" in card and "- Example prompt: `a photo of sks`" in card
+    assert 'image = pipe("a photo of sks").images[0]' in card
 
 
 def test_seed_summary_means_ranges_and_targets():

@@ -225,7 +225,7 @@ def test_our_loader_and_diffusers_from_single_file_match_the_folder(tiny_pipe, t
                                                                     tiny_configs_only):
     """diffusers 0.42's *loader* maps this 2-level/3-level file correctly (checked bitwise here).
 
-    The FIELD_NOTES trap is the export direction: diffusers has no in-library
+    The known trap is the export direction: diffusers has no in-library
     diffusers -> single-file writer, and its repository script
     (scripts/convert_diffusers_to_original_stable_diffusion.py) hard-codes ``range(4)`` levels and
     3 up resnets and leaves unmatched keys under their diffusers names. Our writer is what makes
