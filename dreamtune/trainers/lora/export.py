@@ -1,4 +1,4 @@
-"""LoRA exports: the kohya file UIs load (A1111, ComfyUI, InvokeAI) and diffusers' PEFT-format file."""
+"""LoRA exports: the kohya file UIs load (A1111, ComfyUI, InvokeAI), alone in final/, and diffusers' PEFT-format file."""
 
 from __future__ import annotations
 
@@ -50,27 +50,34 @@ class LoraExporter(Exporter):
             tensors=kohya,
         )
         final_dir.mkdir(parents=True, exist_ok=True)
+        kohya_path = save_safetensors(kohya, final_dir / f"{self.cfg.output.name}.safetensors", metadata=metadata)
+        # Neither UI reads the PEFT layout (ComfyUI applies only its text-encoder keys; InvokeAI: unknown).
+        self.run.diffusers.mkdir(parents=True, exist_ok=True)
         diffusers_path = save_diffusers_lora(
-            final_dir,
+            self.run.diffusers,
             lora["unet"],
             lora.get("text_encoder"),
             unet_lora_config=configs["unet"],
             text_encoder_lora_config=configs.get("text_encoder"),
             metadata={k: v for k, v in metadata.items() if not k.startswith(("sshs_", "modelspec.hash"))},
         )
-        kohya_path = save_safetensors(kohya, final_dir / f"{self.cfg.output.name}.safetensors", metadata=metadata)
-        return [Path(diffusers_path), Path(kohya_path)]
+        return [Path(kohya_path), Path(diffusers_path)]
+
+    def ui_file(self, files: list[Path]) -> Path | None:
+        return files[0]
 
     def usage(self, final: Path, files: list[Path]) -> str:
         name, base, prompt = self.cfg.output.name, self.cfg.model.pretrained, self.example_prompt()
         return f"""```python
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{base}")
-pipe.load_lora_weights("{final}")                                   # the diffusers/PEFT file
+pipe.load_lora_weights("{self.run.diffusers}")                     # the diffusers/PEFT file
 # or: pipe.load_lora_weights("{final}", weight_name="{name}.safetensors")  # the kohya file
 image = pipe("{prompt}").images[0]
 ```
 
-AUTOMATIC1111 / Forge: copy `final/{name}.safetensors` into `models/Lora/` and write
-`<lora:{name}:1>` in the prompt. ComfyUI: copy it into `models/loras/` and use a *LoraLoader* node.
-InvokeAI: install `final/{name}.safetensors` from the model manager (type LoRA)."""
+**For UIs use `final/{name}.safetensors`** (kohya format; the only file in `final/`).
+AUTOMATIC1111 / Forge: copy it into `models/Lora/` and write `<lora:{name}:1>` in the prompt.
+ComfyUI: copy it into `models/loras/` and use a *LoraLoader* node. InvokeAI: install the file (or the
+`final/` folder) from the model manager (type LoRA). `diffusers/pytorch_lora_weights.safetensors` is for
+diffusers code only: ComfyUI applies just its text-encoder part and InvokeAI does not recognise it."""

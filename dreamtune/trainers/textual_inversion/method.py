@@ -64,11 +64,12 @@ class TextualInversionMethod(TrainingMethod):
             self._announce_captions_without_token()
 
     def _check_output_name(self) -> None:
-        """The A1111 file is ``<output.name>.safetensors``; it must not overwrite diffusers' file."""
+        """The A1111 file is ``final/<output.name>.safetensors``; it must not carry diffusers' own file name,
+        which diffusers' loader (given the folder) and InvokeAI take for the diffusers format."""
         if f"{self.cfg.output.name}.safetensors" == DIFFUSERS_FILE:
             raise ConfigError(
-                f"output.name: {self.cfg.output.name!r} would overwrite final/{DIFFUSERS_FILE}; choose another "
-                "name (it is also the word A1111 users type)"
+                f"output.name: {self.cfg.output.name!r} would name the A1111 file like diffusers' {DIFFUSERS_FILE}; "
+                "choose another name (it is also the word A1111 users type)"
             )
 
     def _initializer_id(self, tokenizer) -> int:
