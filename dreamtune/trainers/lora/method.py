@@ -7,6 +7,7 @@ import torch
 from ...errors import ConfigError
 from ...training.method import TrainingMethod
 from .export import LoraExporter
+from .init_from import load_lora_into
 from .settings import LoraSettings
 
 
@@ -53,3 +54,7 @@ class LoraMethod(TrainingMethod):
             models.text_encoder.add_adapter(
                 _lora_config(self.text_encoder_rank, self.text_encoder_alpha, s.dropout, s.text_encoder_target_modules)
             )
+        if s.init_from:
+            filled = load_lora_into(s.init_from, self.trained_modules(), self.cfg.model.allow_pickle)
+            if accelerator.is_main_process:
+                print(f"lora.init_from: {filled} modules start from {s.init_from}")

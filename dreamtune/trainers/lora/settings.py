@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from ...config import MethodSettings
@@ -19,6 +21,14 @@ class LoraSettings(MethodSettings):
     text_encoder_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
     )
+    init_from: str | None = Field(
+        None, description="Start the adapters from this LoRA file (kohya or diffusers); its rank must match."
+    )
+
+    def check_run(self, cfg) -> None:
+        if self.init_from and not Path(self.init_from).is_file():
+            raise ValueError(f"lora.init_from: {self.init_from} is not a file; give a kohya or diffusers LoRA "
+                             ".safetensors")
 
     def trained_models(self) -> tuple[str, ...]:
         return ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
