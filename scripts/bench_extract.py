@@ -31,6 +31,7 @@ def main() -> int:
 
     from dreamtune.toyworld import benchmark as bench
     from dreamtune.toyworld.classifier import load_classifier
+    from dreamtune.training.run_folder import RunFolder
     from dreamtune.weights.checkpoint import open_checkpoint
     from dreamtune.weights.diffusers_folder import read_config
     from dreamtune.weights.ldm_keys import unet_key_map
@@ -48,7 +49,7 @@ def main() -> int:
         out = Path(args.out) / f"seed-{seed}"
         data = bench.write_concept_folder(out / "data" / "concept")
         final, seconds, token = bench.train_entry("dreambooth", out, data, None, seed, args.quick, bench.MODEL_DIR)
-        tuned = final / "diffusers"
+        tuned = RunFolder(final.parent).diffusers
 
         def score(pipe) -> dict:
             measured = bench.evaluate_pipeline(pipe, judge, token, samples, seed)

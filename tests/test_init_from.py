@@ -35,7 +35,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
                           "lora.alpha=4")
     trainer = Trainer(cfg)
     result = trainer.run()
-    return trainer, result.output_dir / "final"
+    return trainer, result.output_dir
 
 
 def started_from(tiny_model_dir, tmp_path, file: Path, *overrides: str) -> Trainer:
@@ -47,24 +47,24 @@ def started_from(tiny_model_dir, tmp_path, file: Path, *overrides: str) -> Train
 
 
 def test_lora_starts_from_the_exported_change_whatever_its_alpha(lora_run, tiny_model_dir, tmp_path):
-    source, final = lora_run
+    source, run = lora_run
     trained = lora_deltas(source)
     assert trained and all(d.abs().max() > 0 for d in trained.values())
     # The diffusers file (fp32) at another alpha: the same change, to float rounding.
-    started = lora_deltas(started_from(tiny_model_dir, tmp_path / "a", final / "pytorch_lora_weights.safetensors",
-                                       "lora.alpha=16"))
+    started = lora_deltas(started_from(tiny_model_dir, tmp_path / "a",
+                                       run / "diffusers" / "pytorch_lora_weights.safetensors", "lora.alpha=16"))
     assert started.keys() == trained.keys()
     for key in trained:
         torch.testing.assert_close(started[key], trained[key], atol=1e-6, rtol=1e-5, msg=key)
     # The kohya file (fp16 tensors): the same change to fp16 rounding.
-    started = lora_deltas(started_from(tiny_model_dir, tmp_path / "b", final / "sks_toy_lora.safetensors"))
+    started = lora_deltas(started_from(tiny_model_dir, tmp_path / "b", run / "final" / "sks_toy_lora.safetensors"))
     for key in trained:
         torch.testing.assert_close(started[key], trained[key], atol=2e-3, rtol=2e-2, msg=key)
 
 
 def test_lora_init_from_refuses_another_rank_base_or_part(lora_run, tiny_model_dir, tmp_path):
-    _, final = lora_run
-    kohya = final / "sks_toy_lora.safetensors"
+    _, run = lora_run
+    kohya = run / "final" / "sks_toy_lora.safetensors"
     with pytest.raises(ConfigError, match=r"a different rank\. Set lora\.rank"):
         started_from(tiny_model_dir, tmp_path / "a", kohya, "lora.rank=4", "lora.text_encoder_rank=4")
     with pytest.raises(ConfigError, match=r"holds text_encoder module .*lora\.train_text_encoder=true"):
@@ -81,13 +81,13 @@ def test_lora_init_from_refuses_another_rank_base_or_part(lora_run, tiny_model_d
 def test_textual_inversion_starts_from_the_exported_vectors(tiny_model_dir, tmp_path):
     first = tiny_run_config("tiny_ti.yaml", tiny_model_dir, tmp_path / "a", *FAST)
     trainer = Trainer(first)
-    final = trainer.run().output_dir / "final"
+    run = trainer.run().output_dir
     trained = trainer.method.learned_vectors(trainer.models.text_encoder)
-    for file in ("learned_embeds.safetensors", "sks_toy_ti.safetensors"):
-        again = Trainer(tiny_run_config("tiny_ti.yaml", tiny_model_dir, tmp_path / file, *FAST,
-                                        f"textual_inversion.init_from={final / file}"))
+    for file in ("diffusers/learned_embeds.safetensors", "final/sks_toy_ti.safetensors"):
+        again = Trainer(tiny_run_config("tiny_ti.yaml", tiny_model_dir, tmp_path / file.replace("/", "-"), *FAST,
+                                        f"textual_inversion.init_from={run / file}"))
         again._setup()
         assert torch.equal(again.method.learned_vectors(again.models.text_encoder), trained), file
     with pytest.raises(ConfigError, match=r"holds 2 vectors .* set textual_inversion.num_vectors=2"):
         train(tiny_run_config("tiny_ti.yaml", tiny_model_dir, tmp_path / "c", *FAST, "textual_inversion.num_vectors=3",
-                              f"textual_inversion.init_from={final / 'learned_embeds.safetensors'}"))
+                              f"textual_inversion.init_from={run / 'diffusers' / 'learned_embeds.safetensors'}"))

@@ -10,9 +10,10 @@ from dreamtune.cli import main
 @pytest.fixture
 def run_dir(tmp_path):
     run = tmp_path / "run"
-    (run / "final" / "diffusers").mkdir(parents=True)
+    (run / "final").mkdir(parents=True)
+    (run / "diffusers").mkdir(parents=True)
     (run / "final" / "my_lora.safetensors").write_bytes(b"x" * 2048)
-    (run / "final" / "diffusers" / "pytorch_lora_weights.safetensors").write_bytes(b"y" * 1024)
+    (run / "diffusers" / "pytorch_lora_weights.safetensors").write_bytes(b"y" * 1024)
     (run / "README.md").write_text("# my_lora\n")
     (run / "checkpoints" / "step-000010").mkdir(parents=True)
     (run / "checkpoints" / "step-000010" / "optimizer.bin").write_bytes(b"z")
@@ -23,7 +24,7 @@ def test_dry_run_lists_final_files_and_the_card_only(run_dir, capsys):
     assert main(["push", str(run_dir), "--repo-id", "me/my-lora", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would upload 3 files" in out and "public model repo me/my-lora" in out
-    assert "  my_lora.safetensors" in out and "  diffusers/pytorch_lora_weights.safetensors" in out
+    assert "  my_lora.safetensors" in out and "  pytorch_lora_weights.safetensors" in out
     assert "  README.md" in out and "optimizer" not in out
 
 
@@ -48,7 +49,7 @@ def test_push_commits_the_plan_in_one_commit(run_dir, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert main(["push", str(run_dir), "--repo-id", "me/my-lora", "--private", "--token", "hf_x"]) == 0
     assert calls == {"token": "hf_x", "repo": ("me/my-lora", True, True, "model"),
-                     "files": ["README.md", "diffusers/pytorch_lora_weights.safetensors", "my_lora.safetensors"]}
+                     "files": ["README.md", "my_lora.safetensors", "pytorch_lora_weights.safetensors"]}
 
 
 def test_push_refuses_offline_and_unfinished_runs(run_dir, tmp_path, capsys):

@@ -8,7 +8,9 @@ from pathlib import Path
 
 
 def upload_plan(run_dir: Path) -> list[tuple[Path, str]]:
-    """(local file, path in the repo) for every file of final/, and the model card as the repo's README.md."""
+    """(local file, path in the repo): the UI file and the diffusers files at the repo's root (where
+    ``load_lora_weights``, ``load_textual_inversion`` and ``from_pretrained`` look), variants under
+    variants/, and the model card as README.md."""
     from ..errors import DreamtuneError
     from ..training.run_folder import RunFolder
 
@@ -16,9 +18,15 @@ def upload_plan(run_dir: Path) -> list[tuple[Path, str]]:
     if not run.final.is_dir() or not any(p.is_file() for p in run.final.rglob("*")):
         raise DreamtuneError(f"{run.final} holds no exported files: the run did not finish (resume it with "
                              f"train.resume=auto), or {run_dir} is not a run folder")
-    plan = [(p, p.relative_to(run.final).as_posix()) for p in sorted(run.final.rglob("*")) if p.is_file()]
+    plan = []
+    for folder, prefix in ((run.final, ""), (run.diffusers, ""), (run.variants, "variants/")):
+        files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+        plan += [(p, prefix + p.relative_to(folder).as_posix()) for p in files]
     if run.model_card.is_file():
         plan.append((run.model_card, "README.md"))
+    targets = [t for _, t in plan]
+    if clash := sorted({t for t in targets if targets.count(t) > 1}):
+        raise DreamtuneError(f"{run_dir}: {clash[0]} is both a UI file and a diffusers file; rename output.name")
     return plan
 
 
