@@ -139,18 +139,17 @@ def export_final(trainer, step: int, epoch: int, batches_in_epoch: int) -> list[
             write_model_card(run, trainer.cfg, exporter, exported, step)
         except OSError as err:
             failure = _reason(err)
-    failure = _agree(acc, failure)
-    if failure is not None:
+    # No collective here: a reduce just before the process group is torn down can deadlock gloo's teardown,
+    # so several processes keep the barrier alone and the main process rescues what it holds.
+    acc.wait_for_everyone()
+    if failure is None:
+        return exported
+    kept = "the previous final/ is kept" if run.final.exists() else "no final/ was written"
+    if acc.num_processes == 1:
         saved, failures = rescue(trainer, step, epoch, batches_in_epoch)
-        kept = "the previous final/ is kept" if run.final.exists() else "no final/ was written"
         raise SaveFailed(f"export to {run.final} failed ({failure}); {kept}. {rescued_text(saved, failures)}")
-    return exported
-
-
-def _agree(accelerator, failure: str | None) -> str | None:
-    """The main process's failure, known to every process (so all of them rescue, or none)."""
-    if accelerator.num_processes == 1:
-        return failure
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([failure])[0]
+    folder = rescue_dir(trainer) / f"{ckpt.checkpoint_name(step)}-weights"
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt.save_trainable({n: trainer.method.trainable_state_dict(n, m) for n, m in trainer.unwrapped().items()}, folder)
+    raise SaveFailed(f"export to {run.final} failed ({failure}); {kept}. The trained tensors are saved in {folder} "
+                     "(without optimizer state: this multi-process run cannot resume from them)")
