@@ -100,6 +100,9 @@ class ExportConfig(Section):
 class OutputConfig(Section):
     dir: str = "outputs/run"
     name: str = Field("dreamtune", pattern=r"^[A-Za-z0-9._-]+$", description="Base name of exported files.")
+    overwrite: bool = Field(
+        False, description="Start over in a folder that holds another run (or this run's results): its files go.",
+    )
 
 
 class MethodSettings(Section):
@@ -164,6 +167,9 @@ class RunConfig(Section):
             )
         section.check_run(self)
         self._check_text_cache(section)
+        if self.output.overwrite and self.train.resume is not None:
+            raise ValueError("output.overwrite=true starts the run over and deletes the folder's checkpoints; it "
+                             "cannot be combined with train.resume. Drop one of them")
         return self
 
     def _check_text_cache(self, section: MethodSettings) -> None:

@@ -15,6 +15,7 @@ from dreamtune.config import ConfigError, MethodSettings, load_config
 from dreamtune.registry import register_method, registered_methods
 from dreamtune.training.loop import Trainer, train
 from dreamtune.training.method import Exporter, TrainingMethod
+from dreamtune.training.run_folder import RunFolder
 from dreamtune.weights.safetensors_io import save_safetensors
 
 from .conftest import REPO_ROOT
@@ -34,10 +35,10 @@ class AttentionSettings(MethodSettings):
 
 
 class AttentionExporter(Exporter):
-    def write(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
+    def write(self, out: RunFolder, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
         trained = {n: p.detach().cpu() for n, p in modules["unet"].named_parameters() if p.requires_grad}
-        final_dir.mkdir(parents=True, exist_ok=True)
-        return [Path(save_safetensors(trained, final_dir / f"{self.cfg.output.name}.safetensors"))]
+        out.final.mkdir(parents=True, exist_ok=True)
+        return [Path(save_safetensors(trained, out.final / f"{self.cfg.output.name}.safetensors"))]
 
     def usage(self, final: Path, files: list[Path]) -> str:
         return f"Load `{files[0].name}` into the base UNet with `load_state_dict(..., strict=False)`."

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreamtune.config import load_config
+from dreamtune.training.interrupts import EXIT_INTERRUPTED
 from dreamtune.training.loop import Trainer
 
 from .conftest import REPO_ROOT
@@ -177,7 +178,8 @@ if os.environ.get("RANK") == "1":
 
 @pytest.mark.slow
 def test_a_stop_on_one_process_stops_both_at_the_same_step_and_resumes(tiny_model_dir, tmp_path):
-    """SIGTERM to one worker: both checkpoint step 2 and exit 0 (no deadlock); a two-process resume finishes."""
+    """SIGTERM to one worker: both checkpoint step 2 and exit EXIT_INTERRUPTED (no deadlock; the launcher then
+    fails with its own code); a two-process resume finishes."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SIGTERM_RANK_1)
@@ -189,7 +191,8 @@ def test_a_stop_on_one_process_stops_both_at_the_same_step_and_resumes(tiny_mode
         "validation.prompts=[]", "logging.report_to=[]",
     ]
     stopped = launch_two(config, *common, cwd=tmp_path, env={"PYTHONPATH": f"{hook}{os.pathsep}{REPO_ROOT}"})
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert stopped.returncode != 0, stopped.stderr[-3000:]
+    assert stopped.stderr.count(f"exitcode  : {EXIT_INTERRUPTED} ") == 2, stopped.stderr[-3000:]
     assert stopped.stdout.count("stopped at step 2; checkpoint saved. Resume with:") == 1, stopped.stdout
     checkpoint = out / "checkpoints" / "step-000002"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()

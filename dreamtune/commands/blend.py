@@ -6,7 +6,7 @@ import argparse
 from contextlib import ExitStack
 from pathlib import Path
 
-from .common import fail
+from .common import fail, refuse_output_over_input
 
 
 def _floats(text: str) -> list[float]:
@@ -69,6 +69,7 @@ def _run_average(args: argparse.Namespace) -> int:
     if args.format != "single-file" or not args.out.endswith(".safetensors"):
         return fail("--run writes one .safetensors file of the averaged trained tensors (--format single-file)")
     paths = _last_checkpoints(args.run, args.last, args.file_name)
+    refuse_output_over_input(args.out, paths, args.in_place)
     weights = average_weights(None, None, len(paths))
     with ExitStack() as stack:
         sources = [stack.enter_context(open_state_file(p)) for p in paths]
@@ -130,6 +131,7 @@ def _blend(args: argparse.Namespace, paths: list[str], mode: str) -> int:
     from ..weights.diffusers_folder import config_dir_for
     from ..weights.provenance import provenance
 
+    refuse_output_over_input(args.out, paths, args.in_place, output_is_folder=args.format == "diffusers")
     coefficients_for = _coefficients_for(mode, args, len(paths))
     mixed = mixed_keys_filter(args.unet_only)
     config_dir = config_dir_for(paths, args.config_dir)
@@ -177,6 +179,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: the first diffusers-folder input, else SD 1.5)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (torch weights_only load)")
     p.add_argument("--no-hash", action="store_true", help="skip the input sha256 in the output metadata")
+    p.add_argument("--in-place", action="store_true", help="allow --out to replace one of the inputs")
     p.add_argument("--run", help="a training output dir: average its last checkpoints")
     p.add_argument("--last", type=int, default=3, help="with --run: how many checkpoints (default 3)")
     p.add_argument("--file-name", default="trainable_unet.safetensors", help="with --run: the file in each checkpoint")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import WeightsError
-from .common import fail
+from .common import fail, refuse_output_over_input
 
 #: For each (kind, layout) of the input, the target ``--to auto`` picks: the other layout.
 _AUTO = {
@@ -43,6 +43,8 @@ def _convert(args: argparse.Namespace) -> Path:
         raise WeightsError(f"{args.input} is a {kind} ({layout}); convert handles SD 1.x checkpoints, LoRAs and "
                            "TI embeddings")
     target = _AUTO[(kind, layout)] if args.to == "auto" else args.to
+    refuse_output_over_input(args.output, [args.input], args.in_place,
+                             output_is_folder=target == "diffusers" if kind == "checkpoint" else None)
     dtype = DTYPES.get(args.dtype)
     meta = provenance("convert", [args.input], {"from": f"{kind}/{layout}", "to": target, "dtype": args.dtype},
                       hash_inputs=not args.no_hash)
@@ -76,4 +78,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default SD 1.5)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (torch weights_only load)")
     p.add_argument("--no-hash", action="store_true", help="skip the input sha256 in the output metadata")
+    p.add_argument("--in-place", action="store_true", help="allow the output to replace the input (same layout only)")
     p.set_defaults(func=run)

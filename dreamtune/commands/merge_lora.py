@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-from .common import fail
+from .common import fail, refuse_output_over_input
 
 
 def parse_lora_arg(text: str) -> tuple[Path, float]:
@@ -37,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
 
     loras = [parse_lora_arg(text) for text in args.lora]
     try:
+        bad = [text for text, (_, scale) in zip(args.lora, loras) if not math.isfinite(scale)]
+        if bad:
+            return fail(f"--lora {bad[0]}: the scale must be a finite number (e.g. FILE:0.8)")
+        refuse_output_over_input(args.out, [args.base, *(p for p, _ in loras)], args.in_place,
+                                 output_is_folder=args.format == "diffusers")
         unet_map, config_dir = _unet_map(args.base, args.config_dir)
         with open_checkpoint(args.base, args.allow_pickle) as base:
             te_names = text_encoder_module_names(base)
@@ -63,4 +69,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config-dir", help="diffusers folder whose configs describe a single-file base (default SD 1.5)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (torch weights_only load)")
     p.add_argument("--no-hash", action="store_true", help="skip the input sha256 in the output metadata")
+    p.add_argument("--in-place", action="store_true", help="allow --out to replace the base checkpoint")
     p.set_defaults(func=run)

@@ -9,10 +9,13 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from ..config import load_config
+    from ..training.interrupts import EXIT_INTERRUPTED
     from ..training.loop import train
 
     result = train(load_config(args.config, args.overrides))
-    if PartialState().is_main_process and not result.interrupted:
+    if result.interrupted:  # stopped and resumable: not finished, so `train && upload final/` stops here
+        return EXIT_INTERRUPTED
+    if PartialState().is_main_process:
         print(f"\ndone: {result.global_step} steps, last loss {result.last_loss:.4f}")
         if result.ui_file is not None:
             print(f"  for UIs     {result.ui_file}  (A1111/Forge, ComfyUI, InvokeAI: load this file)")

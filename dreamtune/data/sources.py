@@ -177,8 +177,9 @@ def folder_records(
         folder_repeats, folder_words = _repeat_folder(path, root)
         caption = base_caption(own, rules, fallback=folder_words)
         if problem is None and caption is None:
-            problem = (f"no caption: add {path.with_suffix(extensions[0]).name}, set {key}.instance_prompt, "
-                       "or name the folder like '10_sks dog'")
+            empty = next((path.with_suffix(e) for e in extensions if path.with_suffix(e).is_file()), None)
+            fix = f"write a caption into {empty.name} (it is empty)" if empty else f"add {path.with_suffix(extensions[0]).name}"
+            problem = f"no caption: {fix}, set {key}.instance_prompt, or name the folder like '10_sks dog'"
         if problem is None and size is not None:
             problem = _size_problem(size, cfg, report, str(path))
         if problem:

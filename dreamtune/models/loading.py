@@ -36,7 +36,12 @@ class BaseModel:
 
 
 def _looks_like_path(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or value.endswith(SINGLE_FILE_SUFFIXES) or Path(value).exists()
+    """A local path, not a hub id: explicit, a weight file name, existing, more than owner/name deep, or under an
+    existing local folder (``models/tiny-sd`` beside a ``models/`` folder is a mistyped path, not a repo)."""
+    if value.startswith((".", "/", "~")) or value.endswith(SINGLE_FILE_SUFFIXES) or Path(value).exists():
+        return True
+    parts = Path(value).parts
+    return len(parts) > 2 or "\\" in value or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def _hub_error(cfg: ModelConfig, err: Exception) -> ModelLoadError:
@@ -45,7 +50,8 @@ def _hub_error(cfg: ModelConfig, err: Exception) -> ModelLoadError:
         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}).\n"
         "  If this machine is offline or the id is wrong: download the model once "
         f"(`hf download {cfg.pretrained}`) and retry with HF_HUB_OFFLINE=1, or set model.pretrained to a "
-        "local diffusers folder or a single-file .safetensors checkpoint."
+        f"local diffusers folder or a single-file .safetensors checkpoint (no local folder {cfg.pretrained} exists "
+        f"in {Path.cwd()})."
     )
 
 
@@ -92,7 +98,8 @@ def load_base_model(cfg: ModelConfig) -> BaseModel:
     is_path = _looks_like_path(source)
     path = Path(source).expanduser()
     if is_path and not path.exists():
-        raise ModelLoadError(f"model.pretrained: {source} does not exist (expected a diffusers folder or a file)")
+        raise ModelLoadError(f"model.pretrained: {source} does not exist: no such folder or file at {path.resolve()} "
+                             "(expected a diffusers folder or a single-file checkpoint)")
     try:
         if is_path and path.is_file():
             parts = _load_single_file(cfg)

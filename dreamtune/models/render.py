@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image, ImageDraw
@@ -20,13 +20,17 @@ def render_images(
     guidance_scale: float,
     resolution: int,
     negative_prompt: str | None = None,
+    stop: Callable[[], bool] | None = None,
     **call_kwargs: Any,
 ) -> list[list[Image.Image]]:
-    """images[prompt][k] drawn with seed ``seed + k``: the same seeds give comparable grids."""
+    """images[prompt][k] drawn with seed ``seed + k``: the same seeds give comparable grids. When ``stop()``
+    turns true (a Ctrl-C), the rows finished so far are returned before the next image."""
     rows = []
     for prompt in prompts:
         row = []
         for k in range(images_per_prompt):
+            if stop is not None and stop():
+                return rows
             generator = torch.Generator(device="cpu").manual_seed(seed + k)
             result = pipe(
                 prompt,

@@ -11,24 +11,37 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import DreamtuneError
+from .ownership import checkpoint_fingerprint, own_checkpoints
 from .run_folder import STATE_FILE, checkpoint_name, list_checkpoints  # noqa: F401  (this module's vocabulary)
+
 
 class CheckpointNotFound(DreamtuneError, FileNotFoundError):
     """train.resume names a folder that is not a complete checkpoint of this method."""
 
 
-def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
-    """``auto`` -> the latest complete checkpoint (or None: a fresh start); a path must be a checkpoint."""
+class ForeignCheckpoint(DreamtuneError):
+    """train.resume names a checkpoint another run (another config) wrote."""
+
+
+def resolve_resume(resume: str | None, checkpoints_dir: Path, fingerprint: str | None = None) -> Path | None:
+    """``auto`` -> this run's latest complete checkpoint (or None: a fresh start); a path must be a checkpoint
+    of this run (same ``fingerprint``; checkpoints from before fingerprints are accepted)."""
     if resume is None:
         return None
     if resume == "auto":
-        found = list_checkpoints(checkpoints_dir)
+        found = own_checkpoints(checkpoints_dir, fingerprint) if fingerprint else list_checkpoints(checkpoints_dir)
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise CheckpointNotFound(
             f"train.resume: {path} is not a complete checkpoint (no {STATE_FILE}); "
             f"use 'auto' or a folder under {checkpoints_dir}"
+        )
+    if fingerprint and checkpoint_fingerprint(path) not in (fingerprint, None):
+        raise ForeignCheckpoint(
+            f"train.resume: {path} was written by another run (its config differs in what changes the weights: "
+            "model, data, train or the method section); resume it with the config it was trained with, or start "
+            "this run without train.resume"
         )
     return path
 
@@ -47,13 +60,15 @@ def check_free_disk(folder: Path, needed: int) -> None:
         )
 
 
-def rotate(checkpoints_dir: Path, keep: int | None) -> None:
-    """Delete the oldest complete checkpoints beyond ``keep``, and stale half-written ones."""
+def rotate(checkpoints_dir: Path, keep: int | None, fingerprint: str | None = None) -> None:
+    """Delete this run's (``fingerprint``'s) oldest complete checkpoints beyond ``keep``, and stale half-written
+    ones; another run's checkpoints are never touched."""
     for stale in checkpoints_dir.glob("step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep is None:
         return
-    for old in list_checkpoints(checkpoints_dir)[:-keep]:
+    found = own_checkpoints(checkpoints_dir, fingerprint) if fingerprint else list_checkpoints(checkpoints_dir)
+    for old in found[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, dump_config
+from ..config import RunConfig
 from ..data.dataset import build_dataset
 from ..data.loader import build_train_loader
 from ..errors import DreamtuneError
@@ -18,8 +18,8 @@ from ..models.pipeline import build_pipeline, inference_scheduler
 from ..models.render import render_images, save_grid, side_by_side
 from ..registry import create_method
 from . import checkpoints as ckpt
+from . import saving
 from .method import TrainingMethod
-from .model_card import write_model_card
 from .objective import (
     latent_moments,
     min_snr_weights,
@@ -32,7 +32,9 @@ from .objective import (
 from .caches import latent_encoder, text_cache
 from .launch import make_accelerator, refuse_impossible_launch
 from .optim import build_lr_scheduler, build_optimizer
-from .progress import Eta, StopFlag, flat_config, log_images, run_scalars, run_summary, step_scalars
+from .interrupts import ForcedStop, RunStopped, StopFlag, any_process, forced_stop_message
+from .ownership import RunOwnership
+from .progress import Eta, flat_config, log_images, run_scalars, run_summary, step_scalars
 from .run_folder import RunFolder
 from .step import step_context
 
@@ -73,6 +75,9 @@ class Trainer:
         self.output_dir = self.run_folder.root
         self.checkpoints_dir = self.run_folder.checkpoints
         refuse_impossible_launch(cfg)
+        self.ownership = RunOwnership(self.run_folder, cfg)
+        self.stop = StopFlag()
+        self._safe_point: tuple[int, int, int] | None = None  # (step, epoch, batch) while weights match a step
         self.method: TrainingMethod = create_method(cfg)
         self.text_cache = None  # data.cache_text_embeddings, filled in _setup
 
@@ -85,13 +90,15 @@ class Trainer:
         # Data first: a broken folder fails before a multi-gigabyte model loads.
         self.dataset = build_dataset(cfg.data, seed=cfg.train.seed)
         self.accelerator = acc = make_accelerator(cfg, self.run_folder)
+        self.ownership.check()  # every process, before the model loads: writable, unlocked, this run's folder
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.ownership.claim()
+            print(self.dataset.report.summary())
+        acc.wait_for_everyone()
         set_seed(cfg.train.seed)
         self.models = load_base_model(cfg.model)
         self.method.setup(self.models, acc)
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.run_folder.config.write_text(dump_config(cfg))
-            print(self.dataset.report.summary())
 
         trained = self.method.trained_modules()
         weight_dtype = dtype_of(cfg.train.mixed_precision)
@@ -172,31 +179,9 @@ class Trainer:
             raise TrainingDiverged(_diverged("the trained weights became NaN/inf", step, self.checkpoints_dir))
 
     # -- state ----------------------------------------------------------------------------------
-    def save_checkpoint(self, step: int, epoch: int, batches_in_epoch: int) -> Path | None:
-        """Write checkpoints/step-N via a .tmp folder renamed at the end, so a kill never leaves a torn one."""
-        self._check_finite_weights(step)
-        acc = self.accelerator
-        final = self.run_folder.checkpoint(step)
-        tmp = final.with_name(final.name + ".tmp")
-        if acc.is_main_process:
-            tmp.mkdir(parents=True, exist_ok=True)
-            # Weights plus two Adam moments, with a margin for RNG/scheduler files.
-            ckpt.check_free_disk(tmp, int(sum(p.numel() * 4 for p in self.params) * 3.2) + (1 << 20))
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
-        if acc.is_main_process:
-            tensors = {n: self.method.trainable_state_dict(n, m) for n, m in self.unwrapped().items()}
-            ckpt.save_trainable(tensors, tmp)
-            ckpt.write_state(tmp, {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch})
-            if final.exists():
-                import shutil
-
-                shutil.rmtree(final)
-            tmp.rename(final)
-            ckpt.rotate(self.checkpoints_dir, self.cfg.train.checkpoints_total_limit)
-        acc.wait_for_everyone()
-        return final
+    def save_checkpoint(self, step: int, epoch: int, batches_in_epoch: int) -> Path:
+        """checkpoints/step-N, written whole or not at all (see training/saving.py)."""
+        return saving.save_checkpoint(self, step, epoch, batches_in_epoch)
 
     def load_checkpoint(self, folder: Path) -> dict:
         self.accelerator.load_state(str(folder))
@@ -224,9 +209,13 @@ class Trainer:
                     pipe, v.prompts, images_per_prompt=v.images_per_prompt, seed=v.seed,
                     steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                     resolution=self.cfg.data.resolution, negative_prompt=v.negative_prompt,
+                    stop=lambda: self.stop.requested,
                 )
             for module in trained.values():
                 module.train()
+            if self.stop.requested:  # a Ctrl-C cut the grid short: the run stops and checkpoints instead
+                self.accelerator.wait_for_everyone()
+                return None
             path = save_grid(rows, self.run_folder.sample_grid(step), labels=v.prompts)
             log_images(self.accelerator.trackers, rows, step)
         self.accelerator.wait_for_everyone()
@@ -283,18 +272,40 @@ class Trainer:
         return loss, {"loss": loss.detach().item(), **scalars}
 
     def run(self) -> RunResult:
-        self._setup()
+        """Set up, train, validate and export; a second Ctrl-C ends it with RunStopped (EXIT_INTERRUPTED)."""
+        try:
+            self._setup()
+            with self.stop:
+                return self._train()
+        except ForcedStop:
+            raise RunStopped(forced_stop_message(self)) from None
+        finally:
+            self.ownership.release()
+
+    def _stopped(self, result: RunResult, step: int, epoch: int, batches_in_epoch: int) -> RunResult:
+        """A first Ctrl-C/SIGTERM: checkpoint, say how to resume, export nothing."""
+        result.checkpoints.append(saving.checkpoint_on_stop(self, step, epoch, batches_in_epoch))
+        result.interrupted = True
+        self.accelerator.print(
+            f"stopped at step {step}; checkpoint saved. Resume with: "
+            f"train.py --config <your config> train.resume=auto output.dir={self.output_dir}"
+        )
+        self.accelerator.end_training()
+        return result
+
+    def _train(self) -> RunResult:
         cfg, acc = self.cfg, self.accelerator
         result = RunResult(output_dir=self.output_dir, global_step=0)
         steps_per_epoch = self.loader.batches_per_epoch() / cfg.train.gradient_accumulation  # 0: a stream
         global_step, epoch, skip_batches, accumulated = 0, 0, 0, 0
-        resume_from = ckpt.resolve_resume(cfg.train.resume, self.checkpoints_dir)
+        resume_from = ckpt.resolve_resume(cfg.train.resume, self.checkpoints_dir, self.ownership.fingerprint)
         if resume_from is not None:
             state = self.load_checkpoint(resume_from)
             global_step, epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
             acc.print(f"resumed from {resume_from} at step {global_step}")
         elif cfg.validation.compare_with_base:
             self.validate(0)  # the untouched base, for samples/base-vs-trained.png
+        batches_in_epoch = skip_batches
         if acc.is_main_process:
             acc.init_trackers(
                 cfg.logging.project,
@@ -314,91 +325,75 @@ class Trainer:
         eta = Eta(cfg.train.max_steps, cfg.validation.every if cfg.validation.prompts else 0)
         started, first_step = time.perf_counter(), global_step
         micro_scalars: list[dict] = []
-        stopping = False
-        with StopFlag() as stop:
-            while global_step < cfg.train.max_steps and not stopping:
-                self.loader.set_epoch(epoch, skip_batches)
-                batches_in_epoch = skip_batches
-                skip_batches = 0
-                for batch in self.loader:
-                    micro_step = global_step * cfg.train.gradient_accumulation + accumulated
-                    with acc.accumulate(*self.trained.values()):
-                        loss, scalars = self._train_step(batch, micro_step)
-                        if not torch.isfinite(loss):
-                            raise TrainingDiverged(_diverged(f"loss became {loss.item()}", global_step + 1,
-                                                             self.checkpoints_dir))
-                        acc.backward(loss)
-                        if acc.sync_gradients and cfg.train.max_grad_norm > 0:
-                            grad_norm = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
-                            scalars["grad_norm"] = float(grad_norm)
-                        self.optimizer.step()
-                        self.lr_scheduler.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    batches_in_epoch += 1
-                    accumulated += 1
-                    micro_scalars.append(scalars)
-                    if not acc.sync_gradients:
-                        continue
-                    accumulated = 0
-                    scalars, stopping = step_scalars(acc, micro_scalars, stop.requested)
-                    micro_scalars = []
-                    self.method.after_step(global_step + 1)
-                    global_step += 1
-                    result.last_loss = scalars["loss"]
-                    eta.stepped()
-                    progress.update(1)
-                    progress.set_postfix(eta=eta.text(global_step), loss=f"{scalars['loss']:.4f}",
-                                         lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                    if global_step % cfg.logging.every == 0 or global_step == cfg.train.max_steps:
-                        rate = (global_step - first_step) / max(time.perf_counter() - started, 1e-9)
-                        acc.log({**scalars, **run_scalars(cfg.train, self.optimizer, acc.num_processes, rate)}, step=global_step)
-                    done = global_step >= cfg.train.max_steps
-                    if cfg.train.save_every and global_step % cfg.train.save_every == 0 and not done:
-                        result.checkpoints.append(self.save_checkpoint(global_step, epoch, batches_in_epoch))
-                    if cfg.validation.every and global_step % cfg.validation.every == 0 and not done:
-                        began = time.perf_counter()
-                        if path := self.validate(global_step):
-                            result.samples.append(path)
-                        eta.validated(time.perf_counter() - began)
-                    if done or stopping:
-                        break
-                else:
-                    epoch += 1
+        stopping, stop = False, self.stop
+        while global_step < cfg.train.max_steps and not stopping:
+            self.loader.set_epoch(epoch, skip_batches)
+            batches_in_epoch = skip_batches
+            skip_batches = 0
+            for batch in self.loader:
+                micro_step = global_step * cfg.train.gradient_accumulation + accumulated
+                with acc.accumulate(*self.trained.values()):
+                    loss, scalars = self._train_step(batch, micro_step)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(_diverged(f"loss became {loss.item()}", global_step + 1,
+                                                         self.checkpoints_dir))
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
+                        scalars["grad_norm"] = float(grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                batches_in_epoch += 1
+                accumulated += 1
+                micro_scalars.append(scalars)
+                if not acc.sync_gradients:
+                    continue
+                accumulated = 0
+                scalars, stopping = step_scalars(acc, micro_scalars, stop.requested)
+                micro_scalars = []
+                self.method.after_step(global_step + 1)
+                global_step += 1
+                result.last_loss = scalars["loss"]
+                eta.stepped()
+                progress.update(1)
+                progress.set_postfix(eta=eta.text(global_step), loss=f"{scalars['loss']:.4f}",
+                                     lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                if global_step % cfg.logging.every == 0 or global_step == cfg.train.max_steps:
+                    rate = (global_step - first_step) / max(time.perf_counter() - started, 1e-9)
+                    acc.log({**scalars, **run_scalars(cfg.train, self.optimizer, acc.num_processes, rate)}, step=global_step)
+                done = global_step >= cfg.train.max_steps
+                if cfg.train.save_every and global_step % cfg.train.save_every == 0 and not done:
+                    if saved := saving.checkpoint_or_warn(self, global_step, epoch, batches_in_epoch):
+                        result.checkpoints.append(saved)
+                if cfg.validation.every and global_step % cfg.validation.every == 0 and not done:
+                    began = time.perf_counter()
+                    self._safe_point = (global_step, epoch, batches_in_epoch)
+                    if path := self.validate(global_step):
+                        result.samples.append(path)
+                    self._safe_point = None
+                    eta.validated(time.perf_counter() - began)
+                    stopping = any_process(acc, stop.requested)
+                if done or stopping:
+                    break
+            else:
+                epoch += 1
         progress.close()
         result.global_step = global_step
         if stopping and global_step < cfg.train.max_steps:
-            result.checkpoints.append(self.save_checkpoint(global_step, epoch, batches_in_epoch))
-            result.interrupted = True
-            acc.print(
-                f"stopped at step {global_step}; checkpoint saved. Resume with: "
-                f"train.py --config <your config> train.resume=auto output.dir={self.output_dir}"
-            )
-            acc.end_training()
-            return result
+            return self._stopped(result, global_step, epoch, batches_in_epoch)
+        self._safe_point = (global_step, epoch, batches_in_epoch)
         if path := self.validate(global_step):
             result.samples.append(path)
             result.samples += self._compare_with_base(path, global_step)
-        result.exported, result.ui_file = self._export(global_step)
+        if any_process(acc, stop.requested):  # a Ctrl-C during the last validation: checkpoint, no export
+            return self._stopped(result, global_step, epoch, batches_in_epoch)
+        self._check_finite_weights(global_step)
+        acc.wait_for_everyone()
+        result.exported, result.ui_file = saving.export_final(self, global_step, epoch, batches_in_epoch)
+        self._safe_point = None
         acc.end_training()
         return result
-
-    def _export(self, step: int) -> tuple[list[Path], Path | None]:
-        """The method's files (the UI file in final/), plus the model card; main process only."""
-        self._check_finite_weights(step)
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        exported: list[Path] = []
-        ui_file = None
-        if acc.is_main_process:
-            exporter = self.method.exporter_class(self.cfg, self.method)
-            modules = self.unwrapped()
-            with self.method.weights("export", modules):
-                exported = exporter.write(self.run_folder.final, modules, step)
-            ui_file = exporter.ui_file(exported)
-            write_model_card(self.run_folder, self.cfg, exporter, exported, step)
-        acc.wait_for_everyone()
-        return exported, ui_file
-
 
 
 def train(cfg: RunConfig) -> RunResult:

@@ -26,8 +26,9 @@ class Exporter:
         self.cfg, self.method = cfg, method
         self.run = RunFolder(cfg.output.dir)
 
-    def write(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
-        """Write the files; return their paths, the file UIs load first."""
+    def write(self, out: RunFolder, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
+        """Write the files into ``out.final`` (the UI file), ``out.diffusers`` and ``out.variants``; return their
+        paths. ``out`` is a staging copy of the run folder, published whole once every file is written."""
         raise NotImplementedError
 
     def ui_file(self, files: list[Path]) -> Path | None:

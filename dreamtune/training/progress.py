@@ -1,9 +1,8 @@
-"""What a run reports as it goes: the ETA, the stop flag signals set, the start summary, flattened config."""
+"""What a run reports as it goes: the ETA, the start summary, flattened config, scalars and images."""
 
 from __future__ import annotations
 
 import math
-import signal
 import time
 
 
@@ -38,29 +37,6 @@ class Eta:
         from tqdm import tqdm
 
         return tqdm.format_interval(self.remaining(step))
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to finish the step, checkpoint and exit cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def flat_config(prefix: str, value, out: dict) -> dict:

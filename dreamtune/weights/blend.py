@@ -37,8 +37,17 @@ def mix_all(key: str) -> bool:
     return True
 
 
+def _require_finite(name: str, values: Sequence[float]) -> None:
+    """NaN or inf coefficients would write a model of NaN tensors; refuse them by name."""
+    bad = [v for v in values if not math.isfinite(float(v))]
+    if bad:
+        raise BlendError(f"{name} must be finite numbers, got {bad[0]}; pass a number such as 0.5")
+
+
 def average_weights(weights: Sequence[float] | None, alpha: float | None, count: int) -> list[float]:
     """Normalized weights from ``--weights`` or ``--alpha`` (A*first + (1-A)*second); default equal."""
+    _require_finite("--alpha", [] if alpha is None else [alpha])
+    _require_finite("--weights", weights or [])
     if weights is not None and alpha is not None:
         raise BlendError("give either weights or alpha, not both")
     if alpha is not None:
@@ -57,6 +66,7 @@ def average_weights(weights: Sequence[float] | None, alpha: float | None, count:
 
 def add_difference_coefficients(multiplier: float) -> list[float]:
     """``A + m * (B - C)`` as coefficients of (A, B, C)."""
+    _require_finite("--multiplier", [multiplier])
     return [1.0, float(multiplier), -float(multiplier)]
 
 

@@ -21,7 +21,7 @@ from .ldm_keys import component_of
 from .lora_files import lora_layout
 from .lora_keys import KOHYA_TEXT_ENCODER_INPUT_PREFIXES, KOHYA_UNET_PREFIX
 from .readers import readers
-from .safetensors_io import PathLike, is_pickle_path, load_pickle
+from .safetensors_io import PathLike, is_pickle_path, load_pickle, read_safetensors_header
 from .single_file import detect_layout
 
 Header = dict[str, tuple[tuple[int, ...], str]]
@@ -33,6 +33,7 @@ def read_header(path: Path, allow_pickle: bool = False) -> tuple[Header, dict[st
         obj = load_pickle(path, allow_pickle=allow_pickle)
         flat = _flatten_pickle(obj)
         return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in flat.items()}, {}, flat.get
+    read_safetensors_header(path)  # a damaged file is refused by name before safetensors opens it
     handle = safe_open(str(path), framework="pt", device="cpu")
     header = {}
     for key in handle.keys():

@@ -42,7 +42,7 @@ def read_json(path: Path) -> dict[str, Any]:
     """Read a config JSON, naming the file and what to do when it is missing."""
     if not path.is_file():
         raise FileNotFoundError(
-            f"config file {path} not found: config_dir must be a diffusers-style folder with "
+            f"config file {path} not found: the config folder (CLI: --config-dir; Python: config_dir) must be a diffusers-style folder with "
             "unet/config.json, vae/config.json, text_encoder/config.json, "
             "scheduler/scheduler_config.json and tokenizer/"
         )
@@ -152,7 +152,7 @@ def load_clip_tokenizer(tokenizer_dir: PathLike) -> CLIPTokenizer:
     if not merges_file.is_file():
         raise FileNotFoundError(
             f"no tokenizer in {folder}: expected tokenizer.json, vocab.json + merges.txt, or "
-            "merges.txt.gz; pass config_dir pointing at a diffusers SD 1.x folder"
+            "merges.txt.gz; pass --config-dir (Python: config_dir) pointing at a diffusers SD 1.x folder"
         )
     settings = read_json(folder / "tokenizer_config.json")
     merges = _read_merges(merges_file)

@@ -131,6 +131,45 @@ def save_safetensors(
     return atomic_write(path, lambda tmp: save_file(prepared, tmp, metadata=header or None))
 
 
+#: The largest header safetensors itself accepts (100 MB); a larger length field means a damaged or foreign file.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _not_safetensors(path: Path, why: str) -> WeightsError:
+    return WeightsError(f"{path} is not a readable .safetensors file ({why}); is it truncated, damaged or another "
+                        "format? Re-download or re-export it")
+
+
+def read_safetensors_header(path: PathLike) -> dict[str, Any]:
+    """The parsed JSON header of a ``.safetensors`` file, checked against the file's size before anything is
+    allocated: empty, truncated, text, oversized-header and out-of-range files are refused naming the file."""
+    p = _require_file(path)
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise _not_safetensors(p, f"{size} bytes, shorter than the 8-byte header length")
+        length = int.from_bytes(prefix, "little")
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise _not_safetensors(p, f"its header length field says {length} bytes, the file has {size}")
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise _not_safetensors(p, f"the header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise _not_safetensors(p, "the header is not a JSON object")
+    data_bytes = size - 8 - length
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_bytes or not isinstance(entry.get("shape"), list)):
+            raise _not_safetensors(p, f"tensor {key!r} lies outside the file's {data_bytes} data bytes")
+    return header
+
+
 def is_pickle_path(path: PathLike) -> bool:
     """True for the suffixes that hold pickled data (``.ckpt .pt .bin .pth``)."""
     return Path(path).suffix.lower() in PICKLE_SUFFIXES
@@ -191,6 +230,7 @@ def load_safetensors(
     p = _require_file(path)
     if is_pickle_path(p):
         return _split_pickled_state(load_pickle(p, allow_pickle=allow_pickle), p)
+    read_safetensors_header(p)
     try:
         return load_file(p, device="cpu"), read_metadata(p)
     except SafetensorError as err:
@@ -204,6 +244,7 @@ def read_metadata(path: PathLike) -> dict[str, str]:
     p = _require_file(path)
     if is_pickle_path(p):
         raise WeightsError(f"{p} is a pickled checkpoint; only .safetensors files carry header metadata")
+    read_safetensors_header(p)
     try:
         with safe_open(p, framework="pt", device="cpu") as fh:
             return dict(fh.metadata() or {})

@@ -215,7 +215,7 @@ def _raise_unmapped(unmapped: list[str]) -> None:
         f"{len(unmapped)} key(s) in the checkpoint are not weights of the SD 1.x UNet, VAE or text "
         f"encoder described by the configs, nor known harmless extras: {sorted(unmapped)[:5]}. "
         "If the file is another model (inpainting, SD 2, a LoRA) it cannot be loaded as SD 1.x; "
-        "if it was saved from a different architecture, pass its configs (config_dir=...); if "
+        "if it was saved from a different architecture, pass its configs (CLI: --config-dir DIR; Python: config_dir=DIR); if "
         "these keys are harmless, pass ignore_prefixes=(...) naming them."
     )
 
@@ -267,7 +267,7 @@ def single_file_to_diffusers(
         raise SingleFileError(
             f"the checkpoint has no text encoder (no '{TEXT_MODEL_PREFIX}*' keys)")
     hint = ("The file is incomplete, or it was saved from a model with other configs: pass those "
-            "(load_single_file_pipeline: config_dir=<diffusers folder of that model>).")
+            "(CLI: --config-dir <diffusers folder of that model>; Python: config_dir=...).")
     return (_component_from_single(unet, unet_map, hint),
             _component_from_single(vae, vae_map, hint), text)
 
@@ -336,7 +336,7 @@ def _materialize(build: Callable[[], torch.nn.Module], state_dict: Mapping[str, 
     with init_empty_weights(include_buffers=False):
         model = build()
     expected = model.state_dict()
-    hint = "Pass config_dir with the configs of the model this file was saved from."
+    hint = "Pass the configs of the model this file was saved from (CLI: --config-dir DIR; Python: config_dir=DIR)."
     _check_key_sets(state_dict, expected, component, hint)
     for key, tensor in state_dict.items():
         _check_shape(key, tensor, expected[key].shape, component)

@@ -7,7 +7,6 @@ chosen (a file's own keys, or canonical single-file names) is up to whoever open
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsError
-from .safetensors_io import PathLike, is_pickle_path, load_safetensors
+from .safetensors_io import PathLike, is_pickle_path, load_safetensors, read_safetensors_header
 
 #: The safetensors header's dtype names.
 _ST_DTYPES = {
@@ -35,16 +34,16 @@ class SafetensorsReader:
 
     def __init__(self, path: Path):
         self.path = path
-        self._fd = os.open(path, os.O_RDONLY)
-        try:
-            size = int.from_bytes(os.pread(self._fd, 8, 0), "little")
-            header = json.loads(os.pread(self._fd, size, 8))
-        except (ValueError, OSError) as err:
-            os.close(self._fd)
-            raise WeightsError(f"{path} is not a readable .safetensors file ({err})") from err
+        self._fd = -1  # set first: __del__ runs even when the checks below refuse the file
+        header = read_safetensors_header(path)
+        unknown = {e.get("dtype") for k, e in header.items() if k != "__metadata__"} - set(_ST_DTYPES)
+        if unknown:
+            raise WeightsError(f"{path} holds tensors of dtype {sorted(map(str, unknown))}, which dreamtune cannot "
+                               "read; is it an SD 1.x weight file?")
         self.metadata = header.pop("__metadata__", None) or {}
-        self._base = 8 + size
         self._header = header
+        self._fd = os.open(path, os.O_RDONLY)
+        self._base = 8 + int.from_bytes(os.pread(self._fd, 8, 0), "little")
 
     def keys(self) -> list[str]:
         """Tensor names in file order."""

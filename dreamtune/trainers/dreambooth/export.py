@@ -13,6 +13,7 @@ from ...models.dtypes import dtype_of
 from ...models.loading import BaseModel, load_base_model
 from ...models.pipeline import build_pipeline, resolve_scheduler
 from ...training.method import Exporter
+from ...training.run_folder import RunFolder
 from ...weights.blend import blend_with_base
 from ...weights.safetensors_io import save_safetensors
 from ...weights.diffusers_folder import SD1_CONFIG_DIR, save_pipeline_folder
@@ -20,23 +21,23 @@ from ...weights.single_file import diffusers_to_single_file, save_single_file
 
 
 class DreamBoothExporter(Exporter):
-    def write(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
+    def write(self, out: RunFolder, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
         """final/<name>.safetensors + diffusers/ (pipeline folder); variants/<name>-raw (use_ema_for=both) and blends."""
-        final_dir.mkdir(parents=True, exist_ok=True)
+        out.final.mkdir(parents=True, exist_ok=True)
         parts = self._export_parts(modules)
         name, emas, choice = self.cfg.output.name, self.method.emas, self.cfg.dreambooth.use_ema_for
         if not (emas and choice == "both"):
             weights = "ema" if emas and choice == "ema" else "raw"
-            return [*self._save_pair(parts, final_dir, step, weights), *self._save_blends(parts)]
-        self.run.variants.mkdir(parents=True, exist_ok=True)
-        raw = self._save_single_file(parts, self.run.variants / f"{name}-raw.safetensors", step, "raw")
+            return [*self._save_pair(parts, out, step, weights), *self._save_blends(parts, out)]
+        out.variants.mkdir(parents=True, exist_ok=True)
+        raw = self._save_single_file(parts, out.variants / f"{name}-raw.safetensors", step, "raw")
         with self.method.ema_weights(modules):
-            return [*self._save_pair(parts, final_dir, step, "ema"), raw, *self._save_blends(parts)]
+            return [*self._save_pair(parts, out, step, "ema"), raw, *self._save_blends(parts, out)]
 
     def ui_file(self, files: list[Path]) -> Path | None:
         return files[0]
 
-    def _save_blends(self, parts: dict[str, Any]) -> list[Path]:
+    def _save_blends(self, parts: dict[str, Any], out: RunFolder) -> list[Path]:
         """``export.blend_alpha``: the exported weights averaged with the base, one single file per alpha."""
         alphas = self.cfg.export.blend_alpha or []
         if not alphas:
@@ -60,8 +61,8 @@ class DreamBoothExporter(Exporter):
                 "dreamtune.blend_alpha": alpha,
                 "dreamtune.base_model": self.cfg.model.pretrained,
             }
-            self.run.variants.mkdir(parents=True, exist_ok=True)
-            path = self.run.variants / f"{self.cfg.output.name}-blend-{alpha:.2f}.safetensors"
+            out.variants.mkdir(parents=True, exist_ok=True)
+            path = out.variants / f"{self.cfg.output.name}-blend-{alpha:.2f}.safetensors"
             paths.append(save_safetensors(tensors, path, metadata=metadata))
         return paths
 
@@ -98,11 +99,11 @@ class DreamBoothExporter(Exporter):
             scheduler.register_to_config(prediction_type=model.prediction_type)
         return scheduler
 
-    def _save_pair(self, parts: dict[str, Any], final_dir: Path, step: int, weights: str) -> list[Path]:
+    def _save_pair(self, parts: dict[str, Any], out: RunFolder, step: int, weights: str) -> list[Path]:
         """The single-file checkpoint and the diffusers pipeline folder (fp32, safetensors, the hub's key layout)."""
-        single = self._save_single_file(parts, final_dir / f"{self.cfg.output.name}.safetensors", step, weights)
+        single = self._save_single_file(parts, out.final / f"{self.cfg.output.name}.safetensors", step, weights)
         pipe = build_pipeline(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], parts["scheduler"])
-        folder = save_pipeline_folder(pipe, self.run.diffusers)
+        folder = save_pipeline_folder(pipe, out.diffusers)
         return [single, folder]
 
     def _save_single_file(self, parts: dict[str, Any], path: Path, step: int, weights: str) -> Path:

@@ -8,6 +8,7 @@ import torch
 
 from ...models.dtypes import dtype_of
 from ...training.method import Exporter
+from ...training.run_folder import RunFolder
 from ...weights.lora_formats import kohya_metadata, lora_config_values, peft_to_kohya, save_diffusers_lora
 from ...weights.safetensors_io import save_safetensors
 
@@ -21,7 +22,7 @@ def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class LoraExporter(Exporter):
-    def write(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
+    def write(self, out: RunFolder, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
         lora = {part: lora_state(modules[part]) for part in ("unet", "text_encoder") if part in modules}
         configs = {part: modules[part].peft_config["default"] for part in lora}
         ranks, alphas = {}, {}
@@ -49,12 +50,12 @@ class LoraExporter(Exporter):
             training_comment="trained with dreamtune",
             tensors=kohya,
         )
-        final_dir.mkdir(parents=True, exist_ok=True)
-        kohya_path = save_safetensors(kohya, final_dir / f"{self.cfg.output.name}.safetensors", metadata=metadata)
+        out.final.mkdir(parents=True, exist_ok=True)
+        kohya_path = save_safetensors(kohya, out.final / f"{self.cfg.output.name}.safetensors", metadata=metadata)
         # Neither UI reads the PEFT layout (ComfyUI applies only its text-encoder keys; InvokeAI: unknown).
-        self.run.diffusers.mkdir(parents=True, exist_ok=True)
+        out.diffusers.mkdir(parents=True, exist_ok=True)
         diffusers_path = save_diffusers_lora(
-            self.run.diffusers,
+            out.diffusers,
             lora["unet"],
             lora.get("text_encoder"),
             unet_lora_config=configs["unet"],

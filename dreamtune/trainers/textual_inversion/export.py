@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ...training.method import Exporter
+from ...training.run_folder import RunFolder
 from ...weights.embeddings import save_a1111_embedding, save_a1111_pt, save_diffusers_embedding
 
 #: diffusers' own file name: ``load_textual_inversion(folder)`` finds it without ``weight_name``.
@@ -14,7 +15,7 @@ DIFFUSERS_FILE = "learned_embeds.safetensors"
 
 
 class TextualInversionExporter(Exporter):
-    def write(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
+    def write(self, out: RunFolder, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
         """final/<name>.safetensors (A1111), diffusers/learned_embeds.safetensors, and variants/<name>.pt when asked.
 
         Only the A1111 file sits in final/: InvokeAI classifies a folder by whichever of its weight files it
@@ -22,18 +23,18 @@ class TextualInversionExporter(Exporter):
         """
         vectors = self.method.learned_vectors(modules["text_encoder"])
         name, placeholder = self.cfg.output.name, self.cfg.textual_inversion.placeholder_token
-        final_dir.mkdir(parents=True, exist_ok=True)
-        self.run.diffusers.mkdir(parents=True, exist_ok=True)
+        out.final.mkdir(parents=True, exist_ok=True)
+        out.diffusers.mkdir(parents=True, exist_ok=True)
         paths = [
             save_a1111_embedding(
-                final_dir / f"{name}.safetensors", vectors, name=name, metadata=self._metadata(step, name)
+                out.final / f"{name}.safetensors", vectors, name=name, metadata=self._metadata(step, name)
             ),
-            save_diffusers_embedding(self.run.diffusers / DIFFUSERS_FILE, placeholder, vectors,
+            save_diffusers_embedding(out.diffusers / DIFFUSERS_FILE, placeholder, vectors,
                                      metadata=self._metadata(step)),
         ]
         if self.cfg.textual_inversion.export_pt:
-            self.run.variants.mkdir(parents=True, exist_ok=True)
-            paths.append(save_a1111_pt(self.run.variants / f"{name}.pt", vectors, name=name, step=step))
+            out.variants.mkdir(parents=True, exist_ok=True)
+            paths.append(save_a1111_pt(out.variants / f"{name}.pt", vectors, name=name, step=step))
         return [Path(p) for p in paths]
 
     def ui_file(self, files: list[Path]) -> Path | None:
