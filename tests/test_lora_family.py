@@ -63,7 +63,6 @@ def _weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("text_model."): v.float() for k, v in load_file(str(folder / component / name)).items()}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("component", ["unet", "text_encoder"])
 def test_merged_ui_file_equals_fused_peft_model(trained, tiny_model_dir, component):
     merged, base = _weights(trained["merged"], component), _weights(tiny_model_dir, component)
@@ -141,7 +140,6 @@ SUFFIXES = {
 }
 
 
-@pytest.mark.slow
 def test_ui_file_follows_the_lycoris_convention(trained, tiny_model_dir):
     with safe_open(str(trained["ui_file"]), "pt") as f:
         tensors = {k: f.get_tensor(k).float() for k in f.keys()}
@@ -179,7 +177,6 @@ def test_ui_file_follows_the_lycoris_convention(trained, tiny_model_dir):
         assert any("_resnets_" in n and n.endswith(("_conv1", "_conv2")) for n in groups), "conv_rank adds LoCon"
 
 
-@pytest.mark.slow
 def test_ui_file_metadata_names_the_network(trained):
     import json
 
@@ -198,7 +195,6 @@ def test_ui_file_metadata_names_the_network(trained):
         assert args["conv_dim"] == "2"
 
 
-@pytest.mark.slow
 def test_merged_checkpoint_draws_what_the_trained_model_draws(trained, tiny_model_dir):
     """The live model (PiSSA residual base, DoRA input hook, LoHa/LoKr layers) and the baked file render alike."""
     from diffusers import StableDiffusionPipeline
@@ -214,3 +210,40 @@ def test_merged_checkpoint_draws_what_the_trained_model_draws(trained, tiny_mode
     pipe.scheduler = inference_scheduler(m.noise_scheduler)
     pipe.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(render_32(pipe, "a photo of sks toy"), live, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- checkpoints, resume, blend
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_resume_matches_a_straight_run(name, tiny_model_dir, tmp_path, capsys):
+    """Stop at 2 and resume to 4 == 4 straight, bitwise: every trained tensor (dora_scale, hada_*, lokr_*) is
+    checkpointed, and PiSSA/OLoRA's residual base is rebuilt the same on resume."""
+    straight = tmp_path / "straight"
+    Trainer(family_config(tiny_model_dir, straight, *TYPES[name], "train.max_steps=4")).run()
+    resumed = tmp_path / "resumed"
+    for steps in (3, 4):  # the first run checkpoints step 2 (the last step is exported, not checkpointed)
+        Trainer(family_config(tiny_model_dir, resumed, *TYPES[name], f"train.max_steps={steps}",
+                              "train.save_every=2", "train.resume=auto")).run()
+    assert "at step 2" in capsys.readouterr().out
+    saved = load_file(str(resumed / "checkpoints" / "step-000002" / "trainable_unet.safetensors"))
+    wanted = {"dora": "dora_scale", "loha": "hada_w1_a", "lokr": "lokr_w1"}.get(name.split("_")[0])
+    assert wanted is None or any(wanted in k for k in saved), sorted(saved)[:5]
+    a = load_file(str(straight / "final" / "sks_toy_lora.safetensors"))
+    b = load_file(str(resumed / "final" / "sks_toy_lora.safetensors"))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_run_average_blends_every_trained_tensor(tiny_model_dir, tmp_path):
+    """`dreamtune blend --run` averages a LoKr/DoRA run's checkpoints tensor by tensor, as for LoRA."""
+    out = tmp_path / "run"
+    Trainer(family_config(tiny_model_dir, out, *TYPES["dora"], "train.max_steps=3", "train.save_every=1",
+                          "train.checkpoints_total_limit=2")).run()
+    target = tmp_path / "avg.safetensors"
+    assert main(["blend", "--run", str(out), "--last", "2", "--out", str(target), "--no-hash"]) == 0
+    first, second = (load_file(str(out / "checkpoints" / f"step-00000{i}" / "trainable_unet.safetensors"))
+                     for i in (1, 2))
+    averaged = load_file(str(target))
+    assert averaged.keys() == first.keys() and any("dora_scale" in k for k in averaged)
+    for key in first:
+        torch.testing.assert_close(averaged[key], (first[key] + second[key]) / 2)

@@ -44,13 +44,19 @@ def check_patterns(s: LoraSettings, adapted: list[str]) -> None:
                                   f"{sorted(adapted)[:4]}")
 
 
-def peft_config(s: LoraSettings, rank: int, alpha: float, targets: list[str], conv: list[str]):
-    """The PEFT config for one model: ``targets`` (name suffixes) plus full ``conv`` paths at conv rank/alpha."""
+def peft_config(s: LoraSettings, rank: int, alpha: float, targets: list[str], conv: list[str], names: list[str]):
+    """The PEFT config for one model: ``targets`` (name suffixes) plus full ``conv`` paths at conv rank/alpha.
+
+    Only the patterns that match one of the model's module ``names`` are passed (the other model's are not its).
+    """
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
+    def own(patterns: dict) -> dict:
+        return {k: v for k, v in patterns.items() if any(_matches(k, n) for n in names)}
+
     conv_alpha = s.conv_alpha or s.conv_rank
-    rank_pattern = {**s.rank_pattern, **{re.escape(c): s.conv_rank for c in conv}}
-    alpha_pattern = {**s.alpha_pattern, **{re.escape(c): conv_alpha for c in conv}}
+    rank_pattern = {**own(s.rank_pattern), **{re.escape(c): s.conv_rank for c in conv}}
+    alpha_pattern = {**own(s.alpha_pattern), **{re.escape(c): conv_alpha for c in conv}}
     common = dict(r=rank, target_modules=[*targets, *conv], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     if s.type in ("lora", "dora"):
         return LoraConfig(lora_alpha=alpha, lora_dropout=s.dropout, init_lora_weights=s.init, use_rslora=s.rslora,

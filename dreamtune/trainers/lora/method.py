@@ -27,6 +27,10 @@ def check_targets(module: torch.nn.Module, targets: list[str], key: str) -> None
         raise ConfigError(f"{key}: {missing} match no layer of the model; layer names include {examples}")
 
 
+def _names(model: torch.nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules()]
+
+
 def _adapted(model: torch.nn.Module) -> list[str]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -61,11 +65,12 @@ class LoraMethod(TrainingMethod):
         conv = conv_targets(models.unet) if s.conv_rank else []
         if s.conv_rank and not conv:
             raise ConfigError("lora.conv_rank: this UNet has no 3x3 convolutions in resnets or samplers to adapt")
-        self._add(models.unet, "unet", peft_config(s, s.rank, s.alpha, s.target_modules, conv))
+        self._add(models.unet, "unet", peft_config(s, s.rank, s.alpha, s.target_modules, conv, _names(models.unet)))
         if s.train_text_encoder:
             check_targets(models.text_encoder, s.text_encoder_target_modules, "lora.text_encoder_target_modules")
             self._add(models.text_encoder, "text_encoder",
-                      peft_config(s, self.text_encoder_rank, self.text_encoder_alpha, s.text_encoder_target_modules, []))
+                      peft_config(s, self.text_encoder_rank, self.text_encoder_alpha, s.text_encoder_target_modules, [],
+                                  _names(models.text_encoder)))
         check_patterns(s, [n for part in self.trained_modules().values() for n in _adapted(part)])
 
     def _add(self, model: torch.nn.Module, part: str, config) -> None:

@@ -65,6 +65,9 @@ class LoraSettings(MethodSettings):
             raise ValueError(f"lora.rank_pattern: ranks must be >= 1 ({bad[0]!r})")
         return self
 
+    def skips_modules(self) -> bool:
+        return self.module_dropout > 0
+
     def trained_models(self) -> tuple[str, ...]:
         return ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
 
