@@ -247,3 +247,25 @@ def test_run_average_blends_every_trained_tensor(tiny_model_dir, tmp_path):
     assert averaged.keys() == first.keys() and any("dora_scale" in k for k in averaged)
     for key in first:
         torch.testing.assert_close(averaged[key], (first[key] + second[key]) / 2)
+
+
+def test_sample_patches_the_ui_file_as_merge_lora_bakes_it(trained, tiny_model_dir, tmp_path):
+    """`dreamtune sample --lora` applies LyCORIS files in memory with the merge math (diffusers loads none)."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreamtune.weights.lycoris_files import read_adapter
+    from dreamtune.weights.lycoris_merge import patch_models
+
+    patched = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    assert patch_models(read_adapter(trained["ui_file"]), {"unet": patched.unet, "text_encoder": patched.text_encoder},
+                        1.0) == sum(len(f) for f in trained["fused"].values())
+    for component in ("unet", "text_encoder"):
+        merged = _weights(trained["merged"], component)
+        live = {k.removeprefix("text_model."): v for k, v in getattr(patched, component).state_dict().items()}
+        for key, weight in merged.items():
+            torch.testing.assert_close(live[key], weight, atol=1e-6, rtol=1e-6, msg=key)
+    if trained["name"] == "loha":
+        grid = tmp_path / "grid.png"
+        assert main(["sample", "--model", str(tiny_model_dir), "--lora", str(trained["ui_file"]), "--prompt", "a toy",
+                     "--steps", "2", "--images-per-prompt", "1", "--resolution", "32", "--out", str(grid)]) == 0
+        assert grid.is_file()

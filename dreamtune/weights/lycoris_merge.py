@@ -129,3 +129,21 @@ def merge_adapters(
             tensor = weight
         out[key] = tensor.to(target)
     return out
+
+
+def patch_models(adapters: AdapterFile, models: dict[str, torch.nn.Module], strength: float) -> int:
+    """Apply every module of ``adapters`` to the live ``models`` (``unet``, ``text_encoder``) in place; returns the count.
+
+    What a UI does when it loads the file: the same math as :func:`merge_adapters`, on loaded modules.
+    """
+    count = 0
+    for part, path, module in adapters.parts():
+        try:
+            layer = models[part].get_submodule(path)
+        except AttributeError as err:
+            raise MergeError(f"the {part} has no module {path!r}: is the file for another model?") from err
+        with torch.no_grad():
+            weight = apply_module(layer.weight.float(), module, strength, f"{part}.{path}")
+            layer.weight.copy_(weight.to(layer.weight.dtype))
+        count += 1
+    return count
