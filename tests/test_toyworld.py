@@ -315,7 +315,8 @@ def test_benchmark_entries_are_the_packaged_recipes_and_configs_links_them():
     from dreamtune.toyworld.paths import RECIPE_DIR
 
     assert set(benchmark.ENTRIES) == set(benchmark.TARGETS) == {"lora", "dreambooth", "dreambooth_prior",
-                                                                "textual_inversion"}
+                                                                "textual_inversion", "lora_dora", "locon", "loha",
+                                                                "lokr"}
     assert all(path.parent == RECIPE_DIR for path in benchmark.ENTRIES.values())
     configs = Path(__file__).resolve().parents[1] / "configs"
     links = {"quickstart_lora.yaml": "lora", "toyworld_dreambooth.yaml": "dreambooth",
@@ -440,6 +441,22 @@ def test_benchmark_tells_an_export_by_its_files(tmp_path):
         export_kind("empty", tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="wrote no final export"):
         export_kind("missing", tmp_path / "missing")
+
+
+def test_benchmark_reads_a_lora_family_export_by_its_ui_file(tmp_path):
+    """LoHa/LoKr/DoRA exports hold only the kohya/LyCORIS file: that is the export, loaded and sized."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dreamtune.toyworld.benchmark import export_kind, export_size, ui_lora_file
+
+    final = tmp_path / "loha"
+    final.mkdir()
+    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(final / "sks_heart_loha.safetensors"))
+    save_file({"other": torch.zeros(1)}, str(final / "notes.safetensors"))
+    assert ui_lora_file(final) == final / "sks_heart_loha.safetensors"
+    assert export_kind("loha", final) == "lora"
+    assert export_size("loha", final) == (final / "sks_heart_loha.safetensors").stat().st_size
 
 
 # ---- from an installed wheel ------------------------------------------------------------------

@@ -111,14 +111,17 @@ def export_kind(entry: str, final: Path) -> str:
 
 def ui_lora_file(final: Path) -> Path | None:
     """The kohya/LyCORIS file of a LoRA-family export (``lora_unet_*`` keys), the one A1111/ComfyUI load; else None."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for path in sorted(final.glob("*.safetensors")):
-        if path.name == LORA_FILE:
+        if path.name in (LORA_FILE, EMBEDDING_FILE):
             continue
-        with safe_open(str(path), "pt") as f:
-            if any(k.startswith("lora_unet_") for k in f.keys()):
-                return path
+        try:
+            with safe_open(str(path), "pt") as f:
+                if any(k.startswith("lora_unet_") for k in f.keys()):
+                    return path
+        except SafetensorError:  # not a safetensors file at all: not the UI file either
+            continue
     return None
 
 
