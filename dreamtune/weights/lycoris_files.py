@@ -60,8 +60,6 @@ def convert_adapter(src: PathLike, dst: PathLike, to: str, dtype: torch.dtype | 
     if not (lora_layout(list(tensors)) == "kohya" and is_lycoris(tensors)):
         return convert_lora(src, dst, to, dtype, metadata, allow_pickle)
     adapters = from_kohya_tensors(tensors)
-    if to not in ("kohya", "auto", "diffusers"):
-        raise WeightsError(f"a LoRA-family file converts to kohya or diffusers, not {to!r}")
     if to != "kohya":
         raise WeightsError(
             f"{src} is a {'/'.join(adapters.kinds())} file; diffusers cannot load these for SD 1.x, so there is no "

@@ -15,12 +15,12 @@ import torch
 
 from .ldm_keys import KeyMap
 from .lycoris_formats import DORA_SCALE, AdapterFile, AdapterModule
-from .merge import MergeError, _target_key, lora_delta
+from .merge import MergeError, lora_delta, target_key
 from .sources import TensorSource
 
 
 def _tucker(core: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
-    """LyCORIS' Tucker rebuild: core ``[r, r, kh, kw]``, ``w_a`` ``[r, out]``, ``w_b`` ``[r, in]`` -> ``[out, in, kh, kw]``."""
+    """LyCORIS' Tucker rebuild: core ``[r, r, kh, kw]``, ``w_a [r, out]``, ``w_b [r, in]`` -> ``[out, in, kh, kw]``."""
     return torch.einsum("i j k l, j r, i p -> p r k l", core.float(), w_b.float(), w_a.float())
 
 
@@ -35,7 +35,8 @@ def _reshape(delta: torch.Tensor, target_shape: tuple[int, ...], key: str) -> to
 def loha_delta(t: dict[str, torch.Tensor]) -> torch.Tensor:
     """``(w1_a @ w1_b) * (w2_a @ w2_b)`` (or the Tucker rebuild of each), unscaled, fp32."""
     if "hada_t1" in t:
-        return _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"]) * _tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
+        first = _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
+        return first * _tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
     return (t["hada_w1_a"].float() @ t["hada_w1_b"].float()) * (t["hada_w2_a"].float() @ t["hada_w2_b"].float())
 
 
@@ -101,7 +102,7 @@ def collect_module_updates(files: Sequence[tuple[AdapterFile, float]], unet_map:
     updates: dict[str, list[Update]] = {}
     for adapters, strength in files:
         for part, path, module in adapters.parts():
-            updates.setdefault(_target_key(part, path, unet_map), []).append((module, strength))
+            updates.setdefault(target_key(part, path, unet_map), []).append((module, strength))
     if not updates:
         raise MergeError("the adapter files hold no modules to merge")
     return updates
@@ -132,7 +133,7 @@ def merge_adapters(
 
 
 def patch_models(adapters: AdapterFile, models: dict[str, torch.nn.Module], strength: float) -> int:
-    """Apply every module of ``adapters`` to the live ``models`` (``unet``, ``text_encoder``) in place; returns the count.
+    """Apply every module of ``adapters`` to the live ``models`` (``unet``, ``text_encoder``) in place; return the count.
 
     What a UI does when it loads the file: the same math as :func:`merge_adapters`, on loaded modules.
     """

@@ -15,8 +15,7 @@ from .family import adapter_modules
 
 class LoraExporter(Exporter):
     def write(self, final_dir: Path, modules: dict, step: int) -> list[Path]:
-        initial = getattr(self.method, "initial", {})
-        adapters = AdapterFile(**{part: adapter_modules(modules[part], initial.get(part))
+        adapters = AdapterFile(**{part: adapter_modules(modules[part], self.method.initial.get(part))
                                   for part in ("unet", "text_encoder") if part in modules})
         dtype = dtype_of(self.cfg.export.dtype)
         kohya = {k: (v.to(dtype) if v.dim() else v) for k, v in to_kohya_tensors(adapters).items()}

@@ -19,7 +19,8 @@ class LoraSettings(MethodSettings):
     rank: int = Field(4, ge=1)
     alpha: float = Field(4.0, gt=0)
     conv_rank: int | None = Field(
-        None, ge=1, description="Also adapt the UNet's 3x3 convolutions (resnets, down/up samplers) at this rank (kohya conv_dim)."
+        None, ge=1,
+        description="Also adapt the UNet's 3x3 convolutions (resnets, down/up samplers) at this rank (kohya conv_dim).",
     )
     conv_alpha: float | None = Field(None, gt=0, description="Alpha of the convolution adapters; default conv_rank.")
     init: Literal["gaussian", "pissa", "olora"] = Field(
@@ -51,7 +52,8 @@ class LoraSettings(MethodSettings):
                          "lora.plus_ratio": self.plus_ratio is not None, "lora.dropout": self.dropout > 0}
         for key, used in low_rank_only.items():
             if used and self.type not in LOW_RANK_TYPES:
-                raise ValueError(f"{key} applies to lora.type lora or dora, not {self.type}; remove it or change lora.type")
+                raise ValueError(f"{key} applies to lora.type lora or dora, not {self.type}; "
+                                 "remove it or change lora.type")
         for key, value in (("lora.rank_dropout", self.rank_dropout), ("lora.module_dropout", self.module_dropout)):
             if value and self.type in LOW_RANK_TYPES:
                 raise ValueError(f"{key} applies to lora.type loha or lokr (for lora/dora use lora.dropout)")
