@@ -129,3 +129,26 @@ def test_inspect_and_convert_name_the_algorithms(lycoris_file, tmp_path, capsys)
     half = load_file(str(tmp_path / "half.safetensors"))
     assert half.keys() == t.keys()
     assert half[f"{LOHA_MODULE}.hada_w1_a"].dtype == torch.float16 and half[f"{LOHA_MODULE}.alpha"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_tucker_conv_factors_rebuild_as_peft_computes_them(kind):
+    """hada_t1/t2 and lokr_t2 (LyCORIS' Tucker convs, as PEFT's use_effective_conv2d writes them) merge exactly."""
+    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
+
+    from dreamtune.trainers.lora.family import adapter_modules
+    from dreamtune.weights.lycoris_merge import module_delta
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1))
+    config = (LoHaConfig if kind == "loha" else LoKrConfig)(r=2, alpha=3, target_modules=["0"], use_effective_conv2d=True)
+    inject_adapter_in_model(config, model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hada_" in name or "lokr_" in name:
+                p.normal_(0, 0.5)
+    module = adapter_modules(model)["0"]
+    assert {"loha": "hada_t1", "lokr": "lokr_t2"}[kind] in module.tensors
+    layer = model[0]
+    expected = layer.get_delta_weight("default")
+    torch.testing.assert_close(module_delta(module, tuple(expected.shape), "0"), expected, atol=1e-5, rtol=1e-4)

@@ -51,7 +51,7 @@ def lokr_delta(t: dict[str, torch.Tensor]) -> torch.Tensor:
         w2 = t["lokr_w2_a"].float() @ t["lokr_w2_b"].float()
     if w2.ndim == 4:
         w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2)
+    return torch.kron(w1.contiguous(), w2.contiguous())
 
 
 def module_delta(module: AdapterModule, target_shape: tuple[int, ...], key: str) -> torch.Tensor:
