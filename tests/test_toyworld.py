@@ -515,7 +515,8 @@ def test_benchmark_runs_from_an_installed_wheel(tmp_path):
     installed = Path(purelib).resolve() / "dreamtune"
     assert Path(module).resolve().is_relative_to(installed), module
     assert Path(model_dir).resolve().is_relative_to(installed) and (Path(model_dir) / "model_index.json").is_file()
-    assert entries == str(["dreambooth", "dreambooth_prior", "lora", "textual_inversion"])
+    assert entries == str(["dreambooth", "dreambooth_prior", "locon", "loha", "lokr", "lora", "lora_dora",
+                           "textual_inversion"])
 
     dreamtune = python.with_name("dreamtune.exe" if os.name == "nt" else "dreamtune")
     run = subprocess.run([str(dreamtune), "evaluate", "--benchmark", "toyworld", "--quick", "--trainers", "lora",
