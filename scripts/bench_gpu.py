@@ -1,6 +1,6 @@
 """Peak GPU memory and steps/s of the shipped SD 1.5 recipes on an SD 1.5-architecture model (random weights).
 
-The model is built offline from the shipped SD 1.5 configs and CLIP tokenizer (dreamtune/weights/sd1_configs):
+The model is built offline from the shipped SD 1.5 configs and CLIP tokenizer (`dreamtune make-tiny-model --architecture sd15`):
 same shapes and layers as SD 1.5, so memory and speed are SD 1.5's, but it draws noise. Each case runs one
 shipped recipe for a few steps at 512 px on rendered toy-world scenes, in its own child process so peaks do
 not mix, and checks what mixed precision must keep true: trainable weights fp32, losses finite, weights moved.
@@ -37,24 +37,13 @@ TARGETS_GIB = {"dreambooth": 12.0}
 
 
 def build_sd15_shaped(out: Path) -> Path:
-    """Save an SD 1.5-architecture pipeline with random weights (fp32, safetensors) to ``out``."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Save an SD 1.5-architecture pipeline with random weights (fp32, safetensors) to ``out``.
 
-    from dreamtune.weights.diffusers_folder import SD1_CONFIG_DIR, read_config, sd1_tokenizer
-    from dreamtune.models.pipeline import build_pipeline
+    The same as ``dreamtune make-tiny-model OUT --architecture sd15``.
+    """
+    from dreamtune.models.tiny import save_tiny_model
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):  # initialising 1.1 B parameters on the GPU takes seconds, not a minute
-        unet = UNet2DConditionModel.from_config(read_config(SD1_CONFIG_DIR, "unet"))
-        vae = AutoencoderKL.from_config(read_config(SD1_CONFIG_DIR, "vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(read_config(SD1_CONFIG_DIR, "text_encoder")))
-    scheduler = PNDMScheduler.from_config(read_config(SD1_CONFIG_DIR, "scheduler"))
-    pipe = build_pipeline(sd1_tokenizer(), text_encoder, vae, unet, scheduler)
-    pipe.to("cpu").save_pretrained(out, safe_serialization=True)
-    return out
+    return save_tiny_model(out, architecture="sd15")
 
 
 def write_images(folder: Path, resolution: int, count: int = 4) -> Path:

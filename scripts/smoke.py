@@ -67,9 +67,10 @@ def main() -> int:
         from diffusers import StableDiffusionPipeline
 
         final = train("tiny_lora.yaml", model, work / "lora", "lora.train_text_encoder=true")
-        for weight_name in ("pytorch_lora_weights.safetensors", "sks_toy_lora.safetensors"):
+        for folder, weight_name in ((final.parent / "diffusers", "pytorch_lora_weights.safetensors"),
+                                    (final, "sks_toy_lora.safetensors")):
             pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
-            pipe.load_lora_weights(final, weight_name=weight_name)
+            pipe.load_lora_weights(folder, weight_name=weight_name)
             render(pipe)
 
     def textual_inversion():
@@ -84,9 +85,10 @@ def main() -> int:
         from diffusers import StableDiffusionPipeline
 
         final = train("tiny_dreambooth.yaml", model, work / "db", "dreambooth.prior_preservation=false")
-        render(StableDiffusionPipeline.from_pretrained(final / "diffusers", safety_checker=None))
+        folder = final.parent / "diffusers"
+        render(StableDiffusionPipeline.from_pretrained(folder, safety_checker=None))
         render(StableDiffusionPipeline.from_single_file(
-            final / "sks_toy_db.safetensors", config=str(final / "diffusers"), safety_checker=None))
+            final / "sks_toy_db.safetensors", config=str(folder), safety_checker=None))
 
     stage("make-tiny-model", lambda: dreamtune("make-tiny-model", str(model)))
     for name, fn in (("lora (train, export, load both files)", lora),

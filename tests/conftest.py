@@ -48,6 +48,18 @@ def tiny_run_config(recipe: str, model_dir: Path, out: Path, *overrides: str):
     )
 
 
+def saved_state(model_dir: Path, component: str) -> dict[str, torch.Tensor]:
+    """A saved component's tensors, text-encoder keys as transformers 5 names them in memory.
+
+    Diffusers folders we write hold the hub's ``text_model.`` layout (what other readers need).
+    """
+    from safetensors.torch import load_file
+
+    name = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(Path(model_dir) / component / name))
+    return {k.removeprefix("text_model.") if component == "text_encoder" else k: v for k, v in tensors.items()}
+
+
 def render_32(pipe, prompt: str):
     """One 32 px image as a numpy array: seed 0, 2 steps, no guidance, so runs compare exactly."""
     generator = torch.Generator().manual_seed(0)

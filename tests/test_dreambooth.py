@@ -13,7 +13,7 @@ from dreamtune.config import ConfigError, load_config
 from dreamtune.training.loop import Trainer
 from dreamtune.training.step import StepContext
 
-from .conftest import REPO_ROOT, render_32, tiny_run_config
+from .conftest import REPO_ROOT, render_32, tiny_run_config, saved_state
 
 PROMPT = "a photo of sks toy"
 
@@ -39,8 +39,7 @@ def db_config(model_dir: Path, out: Path, *overrides: str):
 
 
 def base_state(model_dir: Path, component: str) -> dict[str, torch.Tensor]:
-    name = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
-    return load_file(str(model_dir / component / name))
+    return saved_state(model_dir, component)
 
 
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -85,10 +84,11 @@ def test_run_writes_the_exports_and_card(trained):
     assert result.global_step == 3 and np.isfinite(result.last_loss)
     names = sorted(p.name for p in result.exported)
     assert names == ["diffusers", "sks_toy_db-raw.safetensors", "sks_toy_db.safetensors"]
-    assert (out / "final" / "diffusers" / "model_index.json").is_file()
+    assert result.ui_file == out / "final" / "sks_toy_db.safetensors"
+    assert (out / "diffusers" / "model_index.json").is_file()
     assert (out / "samples" / "step-000003.png").is_file()
     card = (out / "README.md").read_text()
-    assert "models/Stable-diffusion/" in card and "final/diffusers" in card
+    assert "models/Stable-diffusion/" in card and str(out / "diffusers") in card
     assert sorted(p.name for p in (out / "class_images").glob("*.png")) == ["class-00000.png", "class-00001.png"]
 
 
@@ -156,7 +156,7 @@ def test_loss_splits_instance_and_prior(tiny_model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(trained, tiny_model_dir):
-    """Images from the in-memory EMA model, the base, final/diffusers and the single file (diffusers' loader)."""
+    """Images from the in-memory EMA model, the base, diffusers/ and the single file (diffusers' loader)."""
     from diffusers import StableDiffusionPipeline
 
     from dreamtune.models.pipeline import build_pipeline, inference_scheduler
@@ -171,7 +171,7 @@ def exported(trained, tiny_model_dir):
         images = {"ema": render_32(ema_pipe, PROMPT)}
     pipes = {
         "base": StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None),
-        "diffusers": StableDiffusionPipeline.from_pretrained(final / "diffusers"),
+        "diffusers": StableDiffusionPipeline.from_pretrained(result.output_dir / "diffusers"),
         # diffusers' own single-file loader, configs from the tiny model folder (offline).
         "single_file": StableDiffusionPipeline.from_single_file(
             str(final / "sks_toy_db.safetensors"), config=str(tiny_model_dir), local_files_only=True,
@@ -205,7 +205,7 @@ def test_raw_single_file_holds_the_trained_weights(trained):
     from dreamtune.weights.single_file import load_single_file_pipeline
 
     trainer, result, _, _ = trained
-    raw = load_single_file_pipeline(result.output_dir / "final" / "sks_toy_db-raw.safetensors",
+    raw = load_single_file_pipeline(result.output_dir / "variants" / "sks_toy_db-raw.safetensors",
                                     config_dir=trainer.cfg.model.pretrained)
     assert changed(state(raw.unet), state(trainer.models.unet)) == []
     assert changed(state(raw.text_encoder), state(trainer.models.text_encoder)) == []
@@ -252,7 +252,7 @@ def test_bf16_run_exports_the_base_vae_and_an_fp16_file(tiny_model_dir, tmp_path
     assert trainer.models.vae.dtype == torch.bfloat16 and trainer.models.unet.dtype == torch.float32
     base_te = {k: v.to(torch.bfloat16) for k, v in base_state(tiny_model_dir, "text_encoder").items()}
     assert changed(state(trainer.models.text_encoder), base_te) == []  # not trained: only cast for the run
-    folder = tmp_path / "final" / "diffusers"
+    folder = tmp_path / "diffusers"
     assert changed(base_state(folder, "vae"), base_state(tiny_model_dir, "vae")) == []
     assert changed(base_state(folder, "text_encoder"), base_state(tiny_model_dir, "text_encoder")) == []
     ema = trainer.method.emas["unet"]
@@ -353,10 +353,10 @@ def test_blend_alpha_writes_base_blends(tiny_model_dir, tmp_path):
     configs = {c: json.loads((tiny_model_dir / c / "config.json").read_text()) for c in ("unet", "vae")}
     unets = {}
     for alpha in ("0.00", "0.50", "1.00"):
-        tensors = load_file(str(tmp_path / "final" / f"sks_toy_db-blend-{alpha}.safetensors"))
+        tensors = load_file(str(tmp_path / "variants" / f"sks_toy_db-blend-{alpha}.safetensors"))
         unets[alpha] = single_file_to_diffusers(tensors, configs["unet"], configs["vae"])[0]
     base = base_state(tiny_model_dir, "unet")
-    tuned = base_state(tmp_path / "final" / "diffusers", "unet")
+    tuned = base_state(tmp_path / "diffusers", "unet")
     assert changed(unets["0.00"], base) == [] and changed(unets["1.00"], tuned) == []
     key = "conv_in.weight"
     torch.testing.assert_close(unets["0.50"][key], (base[key] + tuned[key]) / 2, atol=1e-6, rtol=0)

@@ -27,6 +27,8 @@ def lora_cfg(*overrides: str):
     (["lora.conv_alpha=2"], r"lora.conv_alpha needs lora.conv_rank"),
     (["lora.init=olora", "lora.conv_rank=4"], r"lora.init=olora initialises linear layers only"),
     (["lora.type=lycoris"], r"lora.type"),
+    (["lora.type=lokr", "lora.init_from=x.safetensors"], r"lora.init_from applies to lora.type lora or dora"),
+    (["lora.init=pissa", "lora.init_from=x.safetensors"], r"lora.init=pissa and lora.init_from both set"),
 ])
 def test_contradicting_keys_are_refused_with_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):

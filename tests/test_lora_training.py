@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dreamtune.training.loop import Trainer
 
-from .conftest import render_32, tiny_run_config
+from .conftest import render_32, tiny_run_config, saved_state
 
 
 def lora_config(model_dir: Path, out: Path, *overrides: str):
@@ -42,8 +42,7 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 
 def base_state(model_dir: Path, component: str) -> dict[str, torch.Tensor]:
-    name = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
-    return load_file(str(model_dir / component / name))
+    return saved_state(model_dir, component)
 
 
 def test_run_finishes_with_finite_loss_and_files(trained):
@@ -52,8 +51,9 @@ def test_run_finishes_with_finite_loss_and_files(trained):
     out = result.output_dir
     assert (out / "config.yaml").is_file() and (out / "README.md").is_file()
     assert (out / "samples" / "step-000004.png").is_file()
-    names = sorted(p.name for p in result.exported)
-    assert names == ["pytorch_lora_weights.safetensors", "sks_toy_lora.safetensors"]
+    assert [p.relative_to(out).as_posix() for p in result.exported] == [
+        "final/sks_toy_lora.safetensors", "diffusers/pytorch_lora_weights.safetensors"]
+    assert result.ui_file == out / "final" / "sks_toy_lora.safetensors"
     card = (out / "README.md").read_text()
     assert "<lora:sks_toy_lora:1>" in card and "a photo of sks toy" in card
 
@@ -109,13 +109,13 @@ def images(trained, tiny_model_dir):
         module.eval()
     trained_pipe = build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, inference_scheduler(m.noise_scheduler))
     out = {"trained": render_32(trained_pipe, "a photo of sks toy")}
-    final = result.output_dir / "final"
+    folders = {"diffusers": result.output_dir / "diffusers", "kohya": result.output_dir / "final"}
     for name, weight_name in [("base", None), ("diffusers", None), ("kohya", "sks_toy_lora.safetensors")]:
         pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
         pipe.scheduler = inference_scheduler(m.noise_scheduler)
         pipe.set_progress_bar_config(disable=True)
         if name != "base":
-            pipe.load_lora_weights(str(final), weight_name=weight_name)
+            pipe.load_lora_weights(str(folders[name]), weight_name=weight_name)
         out[name] = render_32(pipe, "a photo of sks toy")
     return out
 

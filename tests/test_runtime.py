@@ -72,8 +72,8 @@ def test_resume_matches_a_straight_run(tiny_model_dir, tmp_path, monkeypatch):
         logged += [e.step for e in reader.Scalars("loss")] if "loss" in reader.Tags()["scalars"] else []
     assert sorted(logged) == [1, 2, 3, 4, 5, 6], "the three runs' logged steps must continue, not restart or repeat"
     assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-000002", "step-000004"]
-    exported = load_file(str(out / "final" / "pytorch_lora_weights.safetensors"))
-    expected = load_file(str(tmp_path / "straight" / "final" / "pytorch_lora_weights.safetensors"))
+    exported = load_file(str(out / "diffusers" / "pytorch_lora_weights.safetensors"))
+    expected = load_file(str(tmp_path / "straight" / "diffusers" / "pytorch_lora_weights.safetensors"))
     assert exported.keys() == expected.keys()
     assert [k for k in expected if not torch.equal(exported[k], expected[k])] == []
 
@@ -156,7 +156,7 @@ def test_gradient_accumulation_equals_the_larger_batch_for_unet_and_text_encoder
         Trainer(config(tiny_model_dir, out, "train.max_steps=4", "train.save_every=0", "lora.train_text_encoder=true",
                        "train.adam_epsilon=1.0e-4", f"train.batch_size={batch}",
                        f"train.gradient_accumulation={accumulation}")).run()
-        weights[name] = load_file(str(out / "final" / "pytorch_lora_weights.safetensors"))
+        weights[name] = load_file(str(out / "diffusers" / "pytorch_lora_weights.safetensors"))
     batch, accumulated = weights["batch"], weights["accumulated"]
     assert batch.keys() == accumulated.keys()
     for part in ("unet.", "text_encoder."):

@@ -20,7 +20,7 @@ from dreamtune.registry import create_method
 from dreamtune.training.step import StepContext
 from dreamtune.weights.embeddings import load_embedding
 
-from .conftest import render_32, tiny_run_config
+from .conftest import render_32, tiny_run_config, saved_state
 
 NAME = "sks_toy_ti"  # output.name in configs/tiny_ti.yaml
 
@@ -50,8 +50,7 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 
 def base_state(model_dir: Path, component: str) -> dict[str, torch.Tensor]:
-    name = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
-    return load_file(str(model_dir / component / name))
+    return saved_state(model_dir, component)
 
 
 def step_context(batch: int) -> StepContext:
@@ -68,7 +67,9 @@ def embedding_table(trainer: Trainer) -> torch.Tensor:
 def test_run_finishes_with_finite_loss_and_files(trained):
     trainer, result = trained
     assert result.global_step == 4 and np.isfinite(result.last_loss)
-    assert sorted(p.name for p in result.exported) == ["learned_embeds.safetensors", f"{NAME}.safetensors"]
+    assert [p.relative_to(result.output_dir).as_posix() for p in result.exported] == [
+        f"final/{NAME}.safetensors", "diffusers/learned_embeds.safetensors"]
+    assert result.ui_file == result.output_dir / "final" / f"{NAME}.safetensors"
     assert (result.output_dir / "samples" / "step-000004.png").is_file()
     card = (result.output_dir / "README.md").read_text()
     assert "Trigger: `<sks>`" in card and f"embedding:{NAME}" in card and "embeddings/" in card
@@ -175,7 +176,8 @@ def images(trained, tiny_model_dir):
     prompt, final, scheduler = "a photo of <sks>", result.output_dir / "final", trainer.models.noise_scheduler
     out = {"trained": render_32(in_memory_pipeline(trainer), prompt)}
     out["base"] = render_32(loaded_pipeline(tiny_model_dir, scheduler), prompt)
-    for export, path, token in [("diffusers", final, None), ("a1111", final / f"{NAME}.safetensors", "<sks>")]:
+    for export, path, token in [("diffusers", result.output_dir / "diffusers", None),
+                                ("a1111", final / f"{NAME}.safetensors", "<sks>")]:
         pipe = loaded_pipeline(tiny_model_dir, scheduler, path, token)
         # diffusers names and expands the vectors as we do.
         assert pipe.maybe_convert_prompt(prompt, pipe.tokenizer) == trainer.method.expand(prompt)
@@ -195,11 +197,11 @@ def test_trained_model_differs_from_base(images):
 def test_exported_files_hold_the_rows(trained):
     trainer, result = trained
     rows = embedding_table(trainer)[trainer.method.token_ids]
-    diffusers_rows, token = load_embedding(result.output_dir / "final" / "learned_embeds.safetensors")
+    diffusers_rows, token = load_embedding(result.output_dir / "diffusers" / "learned_embeds.safetensors")
     a1111_rows, a1111_token = load_embedding(result.output_dir / "final" / f"{NAME}.safetensors")
     assert token == "<sks>" and a1111_token is None
     assert torch.equal(diffusers_rows, rows) and torch.equal(a1111_rows, rows)
-    assert not (result.output_dir / "final" / f"{NAME}.pt").exists(), "the .pt is written only when asked"
+    assert not (result.output_dir / "variants" / f"{NAME}.pt").exists(), "the .pt is written only when asked"
 
 
 def test_star_placeholder_and_legacy_pt(tiny_model_dir, tmp_path):
@@ -214,7 +216,7 @@ def test_star_placeholder_and_legacy_pt(tiny_model_dir, tmp_path):
     assert "S* S*_1" in caption
     assert [tokenizer(caption).input_ids.count(i) for i in ids] == [1, 1]
     assert tokenizer.tokenize("a photo of S* S*_1")[-2:] == ["S*", "S*_1"]
-    pt = tmp_path / "final" / f"{NAME}.pt"
+    pt = tmp_path / "variants" / f"{NAME}.pt"
     rows, name = load_embedding(pt, allow_pickle=True)
     assert name == NAME and torch.equal(rows, embedding_table(trainer)[ids])
     # Compared at the text encoder with the vectors spelled out: diffusers adds its tokens lowercased
@@ -267,7 +269,7 @@ def test_ti_defaults(tiny_model_dir, tmp_path):
         (["textual_inversion.initializer_token=teddy bear"],
          r"initializer_token: 'teddy bear' is 6 tokens \['t', 'e', 'dd', 'y</w>', 'be', 'ar</w>'\], not one"),
         (["textual_inversion.initializer_token=''"], r"initializer_token: '' is 0 tokens \[\], not one"),
-        (["output.name=learned_embeds"], r"output.name: 'learned_embeds' would overwrite"),
+        (["output.name=learned_embeds"], r"output.name: 'learned_embeds' would name the A1111 file"),
     ],
 )
 def test_setup_errors_name_the_key(tiny_model_dir, tmp_path, overrides, message):

@@ -427,20 +427,20 @@ def test_benchmark_over_seeds_writes_each_run_and_a_summary(tmp_path, capsys):
 def test_benchmark_tells_an_export_by_its_files(tmp_path):
     from dreamtune.toyworld.benchmark import export_kind, export_size
 
-    (tmp_path / "db" / "diffusers").mkdir(parents=True)
-    (tmp_path / "db" / "diffusers" / "model_index.json").write_text("{}")
-    (tmp_path / "db" / "a.safetensors").write_bytes(b"x" * 10)
-    (tmp_path / "lora").mkdir()
-    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"x" * 3)
-    (tmp_path / "ti").mkdir()
-    (tmp_path / "ti" / "learned_embeds.safetensors").write_bytes(b"x" * 2)
-    assert [export_kind(n, tmp_path / n) for n in ("db", "lora", "ti")] == ["pipeline", "lora", "embedding"]
-    assert [export_size(n, tmp_path / n) for n in ("db", "lora", "ti")] == [10, 3, 2]
-    (tmp_path / "empty").mkdir()
+    for run, diffusers_file, final_bytes in (("db", "model_index.json", 10), ("lora", "pytorch_lora_weights.safetensors", 3),
+                                             ("ti", "learned_embeds.safetensors", 2)):
+        (tmp_path / run / "diffusers").mkdir(parents=True)
+        (tmp_path / run / "diffusers" / diffusers_file).write_text("{}")
+        (tmp_path / run / "final").mkdir()
+        (tmp_path / run / "final" / f"{run}.safetensors").write_bytes(b"x" * final_bytes)
+    finals = [tmp_path / n / "final" for n in ("db", "lora", "ti")]
+    assert [export_kind(f.parent.name, f) for f in finals] == ["pipeline", "lora", "embedding"]
+    assert [export_size(f.parent.name, f) for f in finals] == [10, 3, 2]
+    (tmp_path / "empty" / "final").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="exported no diffusers model"):
-        export_kind("empty", tmp_path / "empty")
+        export_kind("empty", tmp_path / "empty" / "final")
     with pytest.raises(FileNotFoundError, match="wrote no final export"):
-        export_kind("missing", tmp_path / "missing")
+        export_kind("missing", tmp_path / "missing" / "final")
 
 
 def test_benchmark_reads_a_lora_family_export_by_its_ui_file(tmp_path):

@@ -21,6 +21,9 @@ def _human(info: dict) -> str:
             lines.append(f"  {key}: {info[key]}")
     for name, part in info.get("components", {}).items():
         lines.append(f"  {name}: {part}")
+    if info.get("loads_in"):
+        lines.append("  loads in:")
+        lines += [f"    {tool}: {verdict}" for tool, verdict in info["loads_in"].items()]
     for key, value in sorted(info.get("metadata", {}).items()):
         lines.append(f"  meta {key} = {value if len(value) < 120 else value[:117] + '...'}")
     return "\n".join(lines)

@@ -1,11 +1,17 @@
-"""`dreamtune sample`: render a prompt grid PNG, with or without a LoRA, optionally beside the base."""
+"""`dreamtune sample`: render a prompt grid PNG with any LoRAs (each at its own weight) and embeddings,
+optionally beside the base."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .common import fail
+
+
+def _with_value(text: str) -> tuple[Path, str | None]:
+    """``file:value`` -> (file, value); a bare file -> (file, None)."""
+    path, sep, value = text.rpartition(":")
+    return (Path(path), value) if sep and path and not Path(text).exists() else (Path(text), None)
 
 
 def _is_lycoris(path: Path) -> bool:
@@ -20,6 +26,45 @@ def _is_lycoris(path: Path) -> bool:
         return is_lycoris(f.keys())
 
 
+def load_extras(pipe, loras: list[str], embeddings: list[str], default_scale: float) -> list[str]:
+    """Load each LoRA (``FILE[:WEIGHT]``) and embedding (``FILE[:TOKEN]``) into ``pipe``; return what was loaded."""
+    from ..errors import DreamtuneError
+    from ..weights.safetensors_io import load_safetensors
+
+    names, weights, loaded = [], [], []
+    for i, text in enumerate(loras):
+        path, weight = _with_value(text)
+        if not path.exists():
+            raise DreamtuneError(f"--lora: {path} does not exist")
+        try:
+            scale = default_scale if weight is None else float(weight)
+        except ValueError:
+            raise DreamtuneError(f"--lora {text}: the weight after ':' must be a number, e.g. {path}:0.8") from None
+        if _is_lycoris(path):  # LoHa/LoKr/DoRA: diffusers cannot load them; patch the weights as a UI does
+            from ..weights.lycoris_files import read_adapter
+            from ..weights.lycoris_merge import patch_models
+
+            patch_models(read_adapter(path), {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, scale)
+            loaded.append(f"{path.stem} x{scale:g}")
+            continue
+        folder, name = (path, None) if path.is_dir() else (path.parent, path.name)
+        pipe.load_lora_weights(str(folder), weight_name=name, adapter_name=f"lora{i}")
+        names.append(f"lora{i}")
+        weights.append(scale)
+        loaded.append(f"{path.stem} x{scale:g}")
+    if names:
+        pipe.set_adapters(names, adapter_weights=weights)
+    for text in embeddings:
+        path, token = _with_value(text)
+        if not path.is_file():
+            raise DreamtuneError(f"--embedding: {path} is not a file")
+        if token is None and "emb_params" in load_safetensors(path)[0]:
+            token = path.stem  # an A1111 embedding: its file name is the word to type
+        pipe.load_textual_inversion(str(path), token=token)
+        loaded.append(f"embedding {token or path.name}")
+    return loaded
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -27,9 +72,6 @@ def run(args: argparse.Namespace) -> int:
     from ..models.pipeline import inference_scheduler
     from ..models.render import render_images, save_grid
 
-    lora = Path(args.lora) if args.lora else None
-    if lora is not None and not lora.exists():
-        return fail(f"--lora: {lora} does not exist")
     pipe = load_pipeline(args.model)
     pipe.scheduler = inference_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -40,32 +82,28 @@ def run(args: argparse.Namespace) -> int:
     )
     rows, labels = [], []
     with torch.no_grad():
-        if lora is not None and args.with_base:
+        if args.with_base and (args.lora or args.embedding):
             rows += render_images(pipe, args.prompt, **kwargs)
             labels += [f"base: {p}" for p in args.prompt]
-        if lora is not None and _is_lycoris(lora):  # LoHa/LoKr/DoRA: diffusers cannot load them; patch as a UI does
-            from ..weights.lycoris_files import read_adapter
-            from ..weights.lycoris_merge import patch_models
-
-            patch_models(read_adapter(lora), {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, args.lora_scale)
-        elif lora is not None:
-            folder, name = (lora, None) if lora.is_dir() else (lora.parent, lora.name)
-            pipe.load_lora_weights(str(folder), weight_name=name, adapter_name="lora")
-            pipe.set_adapters(["lora"], adapter_weights=[args.lora_scale])
+        loaded = load_extras(pipe, args.lora, args.embedding, args.lora_scale)
         rows += render_images(pipe, args.prompt, **kwargs)
-    labels += [f"lora x{args.lora_scale}: {p}" if lora else p for p in args.prompt]
+    labels += [f"{', '.join(loaded)}: {p}" if loaded else p for p in args.prompt]
     path = save_grid(rows, Path(args.out), labels=labels)
     print(f"sample grid written to {path}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="render a prompt grid PNG, with or without a LoRA")
+    p = sub.add_parser("sample", help="render a prompt grid PNG, with LoRAs and embeddings or without")
     p.add_argument("--model", required=True, help="diffusers folder, hub id or single-file .safetensors")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several rows")
-    p.add_argument("--lora", help="a LoRA-family file (kohya/LyCORIS LoRA, DoRA, LoHa, LoKr, or diffusers) or a folder "
-                   "holding pytorch_lora_weights")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA-family file (kohya/LyCORIS LoRA, DoRA, LoHa, LoKr, or diffusers) or a folder "
+                   "holding one, with an optional weight; repeatable")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="weight of each --lora given without one")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a Textual Inversion file (diffusers or A1111; an A1111 file's word is its file name "
+                        "unless :TOKEN is given); repeatable")
     p.add_argument("--with-base", action="store_true", help="also render the base model's rows, first")
     p.add_argument("--out", default="samples.png", help="output PNG")
     p.add_argument("--images-per-prompt", type=int, default=2)

@@ -14,8 +14,11 @@ def run(args: argparse.Namespace) -> int:
     result = train(load_config(args.config, args.overrides))
     if PartialState().is_main_process and not result.interrupted:
         print(f"\ndone: {result.global_step} steps, last loss {result.last_loss:.4f}")
+        if result.ui_file is not None:
+            print(f"  for UIs     {result.ui_file}  (A1111/Forge, ComfyUI, InvokeAI: load this file)")
         for path in result.exported:
-            print(f"  exported    {path}")
+            if path != result.ui_file:
+                print(f"  exported    {path}")
         for path in result.samples[-1:]:
             print(f"  sample grid {path}")
         print(f"  model card  {result.output_dir / 'README.md'}")

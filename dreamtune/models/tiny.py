@@ -1,7 +1,9 @@
-"""Build a tiny Stable Diffusion 1.x-architecture pipeline with random weights.
+"""Build Stable Diffusion 1.x-architecture pipelines with random weights, offline: tiny, or SD 1.5-shaped.
 
-It is the embedded default: same classes, same key layout and same tokenizer kind (CLIP BPE)
+The tiny one is the embedded default: same classes, same key layout and same tokenizer kind (CLIP BPE)
 as SD 1.5, only narrow, so tests run offline on a CPU in seconds (the quickstart uses the toy-world model).
+The SD 1.5-shaped one (shipped configs and CLIP tokenizer) has SD 1.5's every shape: memory, speed and
+export layouts are SD 1.5's, though it draws noise.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..weights.diffusers_folder import save_pipeline_folder
+from .dtypes import dtype_of
 from .pipeline import build_pipeline
 
 # Words the tiny tokenizer learns merges from: our prompts, captions and common English.
@@ -157,13 +161,42 @@ def build_tiny_pipeline(seed: int = 0):
     return assemble_pipeline(tokenizer, text_encoder, vae, unet, TINY_RECIPE["scheduler"])
 
 
-def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it in diffusers format (safetensors)."""
+def build_sd15_pipeline(seed: int = 0, device: str | torch.device | None = None):
+    """An SD 1.5-architecture ``StableDiffusionPipeline`` with random weights from ``seed``.
+
+    Built on ``device`` (default: CUDA when present, where initialising 1.1 B parameters takes seconds);
+    ``"meta"`` gives every module and shape without memory, for layout checks.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..weights.diffusers_folder import SD1_CONFIG_DIR, read_config, sd1_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(read_config(SD1_CONFIG_DIR, "unet"))
+        vae = AutoencoderKL.from_config(read_config(SD1_CONFIG_DIR, "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(read_config(SD1_CONFIG_DIR, "text_encoder")))
+    scheduler = PNDMScheduler.from_config(read_config(SD1_CONFIG_DIR, "scheduler"))
+    return build_pipeline(sd1_tokenizer(), text_encoder, vae, unet, scheduler)
+
+
+#: ``dreamtune make-tiny-model --architecture``: name -> what it builds.
+ARCHITECTURES = {"tiny": build_tiny_pipeline, "sd15": build_sd15_pipeline}
+
+
+def save_tiny_model(out_dir: str | Path, seed: int = 0, architecture: str = "tiny", dtype: str = "fp32") -> Path:
+    """Build a random pipeline of ``architecture`` and save it as a diffusers folder (safetensors, weights in ``dtype``)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; use one of {', '.join(ARCHITECTURES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = build_tiny_pipeline(seed)
-    pipe.save_pretrained(out, safe_serialization=True)
+    pipe = ARCHITECTURES[architecture](seed)
+    pipe.to("cpu", dtype_of(dtype))
+    save_pipeline_folder(pipe, out)
+    recipe = TINY_RECIPE if architecture == "tiny" else {"configs": "dreamtune/weights/sd1_configs"}
     (out / "dreamtune_recipe.json").write_text(
-        json.dumps({"seed": seed, **TINY_RECIPE}, indent=2) + "\n"
+        json.dumps({"seed": seed, "architecture": architecture, "dtype": dtype, **recipe}, indent=2) + "\n"
     )
     return out

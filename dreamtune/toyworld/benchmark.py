@@ -91,22 +91,30 @@ def load_base(model_dir: Path):
         str(model_dir), safety_checker=None, requires_safety_checker=False, use_safetensors=True)
 
 
-#: The file each kind of export is shared as, beside the diffusers files a user loads it through.
+#: The diffusers-format file of each kind of export (in the run's diffusers/ folder), as diffusers users load it.
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDING_FILE = "learned_embeds.safetensors"
 
 
+def _diffusers_dir(final: Path) -> Path:
+    """The run's diffusers-format exports, beside its final/ folder."""
+    from ..training.run_folder import RunFolder
+
+    return RunFolder(final.parent).diffusers
+
+
 def export_kind(entry: str, final: Path) -> str:
-    """What a run exported, read from its final folder: "pipeline" (a full model), "lora" or "embedding"."""
+    """What a run exported, read from its files: "pipeline" (a full model), "lora" or "embedding"."""
     if not final.is_dir():
         raise FileNotFoundError(f"{final}: the {entry} run wrote no final export")
-    if (final / "diffusers" / "model_index.json").is_file():
+    folder = _diffusers_dir(final)
+    if (folder / "model_index.json").is_file():
         return "pipeline"
-    if (final / LORA_FILE).is_file() or ui_lora_file(final) is not None:
+    if (folder / LORA_FILE).is_file() or ui_lora_file(final) is not None:
         return "lora"
-    if (final / EMBEDDING_FILE).is_file():
+    if (folder / EMBEDDING_FILE).is_file():
         return "embedding"
-    raise FileNotFoundError(f"{final}: the {entry} run exported no diffusers model, {LORA_FILE} or {EMBEDDING_FILE}")
+    raise FileNotFoundError(f"{folder}: the {entry} run exported no diffusers model, {LORA_FILE} or {EMBEDDING_FILE}")
 
 
 def ui_lora_file(final: Path) -> Path | None:
@@ -146,18 +154,18 @@ def load_export(entry: str, model_dir: Path, final: Path):
     """
     from diffusers import StableDiffusionPipeline
 
-    kind = export_kind(entry, final)
+    kind, folder = export_kind(entry, final), _diffusers_dir(final)
     if kind == "pipeline":
         return StableDiffusionPipeline.from_pretrained(
-            str(final / "diffusers"), safety_checker=None, requires_safety_checker=False, use_safetensors=True)
+            str(folder), safety_checker=None, requires_safety_checker=False, use_safetensors=True)
     ui_file = ui_lora_file(final) if kind == "lora" else None
     if ui_file is not None:
         return _merged_ui_file(model_dir, ui_file, final.parent / "merged-ui")
     pipe = load_base(model_dir)
     if kind == "lora":
-        pipe.load_lora_weights(str(final), weight_name=LORA_FILE)
+        pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
     else:
-        pipe.load_textual_inversion(str(final / EMBEDDING_FILE))
+        pipe.load_textual_inversion(str(folder / EMBEDDING_FILE))
     return pipe
 
 
@@ -201,13 +209,9 @@ def save_sample_grid(images, samples: int, path: Path, columns: int = 8) -> None
 
 
 def export_size(entry: str, final: Path) -> int:
-    """Bytes of the file a user would share: the single-file checkpoint, the LoRA or the embedding."""
-    kind = export_kind(entry, final)
-    if kind == "pipeline":
-        return max(p.stat().st_size for p in final.glob("*.safetensors"))
-    if kind == "lora" and ui_lora_file(final) is not None:
-        return ui_lora_file(final).stat().st_size
-    return (final / (LORA_FILE if kind == "lora" else EMBEDDING_FILE)).stat().st_size
+    """Bytes of the file a user would share: the one in final/ (single-file checkpoint, kohya LoRA or embedding)."""
+    export_kind(entry, final)
+    return max(p.stat().st_size for p in final.glob("*.safetensors"))
 
 
 def _size(n: int | None) -> str:

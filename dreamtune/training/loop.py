@@ -61,6 +61,7 @@ class RunResult:
     checkpoints: list[Path] = field(default_factory=list)
     interrupted: bool = False
     last_loss: float = float("nan")
+    ui_file: Path | None = None  # the exported file to give a UI
 
 
 class Trainer:
@@ -96,11 +97,10 @@ class Trainer:
         weight_dtype = dtype_of(cfg.train.mixed_precision)
         for name, module in self.models.components().items():
             if isinstance(module, torch.nn.Module):
-                # Frozen parts run in the mixed-precision dtype: half the memory.
-                lower = name not in trained and weight_dtype != torch.float32
-                module.to(acc.device, dtype=weight_dtype) if lower else module.to(acc.device)
+                # One compute dtype whatever the base was stored in (many local copies are fp16): frozen parts in
+                # the mixed-precision dtype (fp32 for "no"), trained ones in fp32 (autocast computes in half).
+                module.to(acc.device, dtype=torch.float32 if name in trained else weight_dtype)
         for name, module in trained.items():
-            module.to(acc.device)
             module.train()
             if cfg.train.gradient_checkpointing:
                 # diffusers names it enable_gradient_checkpointing, transformers gradient_checkpointing_enable.
@@ -378,24 +378,26 @@ class Trainer:
         if path := self.validate(global_step):
             result.samples.append(path)
             result.samples += self._compare_with_base(path, global_step)
-        result.exported = self._export(global_step)
+        result.exported, result.ui_file = self._export(global_step)
         acc.end_training()
         return result
 
-    def _export(self, step: int) -> list[Path]:
-        """The method's files into final/, plus the model card; main process only."""
+    def _export(self, step: int) -> tuple[list[Path], Path | None]:
+        """The method's files (the UI file in final/), plus the model card; main process only."""
         self._check_finite_weights(step)
         acc = self.accelerator
         acc.wait_for_everyone()
         exported: list[Path] = []
+        ui_file = None
         if acc.is_main_process:
             exporter = self.method.exporter_class(self.cfg, self.method)
             modules = self.unwrapped()
             with self.method.weights("export", modules):
                 exported = exporter.write(self.run_folder.final, modules, step)
+            ui_file = exporter.ui_file(exported)
             write_model_card(self.run_folder, self.cfg, exporter, exported, step)
         acc.wait_for_everyone()
-        return exported
+        return exported, ui_file
 
 
 

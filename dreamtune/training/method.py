@@ -12,6 +12,7 @@ from ..config import RunConfig
 from ..data.caption_rules import CaptionRules, fill_template
 from ..models.loading import BaseModel
 from .checkpoints import copy_into_parameters
+from .run_folder import RunFolder
 from .step import StepContext
 
 #: What a set of weights is used for: validation samples or the exported files.
@@ -19,14 +20,19 @@ Purpose = Literal["sample", "export"]
 
 
 class Exporter:
-    """Writes a method's files into ``final/`` and tells the model card how to use them."""
+    """Writes a method's files (the UI file alone in ``final/``) and tells the model card how to use them."""
 
     def __init__(self, cfg: RunConfig, method: "TrainingMethod"):
         self.cfg, self.method = cfg, method
+        self.run = RunFolder(cfg.output.dir)
 
     def write(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
         """Write the files; return their paths, the file UIs load first."""
         raise NotImplementedError
+
+    def ui_file(self, files: list[Path]) -> Path | None:
+        """The one file to give A1111/Forge, ComfyUI or InvokeAI, or None when no UI loads what this method writes."""
+        return None
 
     def trigger(self) -> str | None:
         """The word that calls up what was learned: ``data.token``, else the instance prompt; None for a style."""

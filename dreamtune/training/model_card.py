@@ -12,7 +12,10 @@ from .run_folder import RunFolder
 def write_model_card(run: RunFolder, cfg: RunConfig, exporter: Exporter, exported: list[Path], step: int) -> Path:
     """Write the model card; it repeats the settings a user needs to reproduce or use the result."""
     trigger = exporter.trigger() or "(none: the model's style applies to any prompt)"
-    files = "\n".join(f"- `{p.relative_to(run.root)}`" for p in exported)
+    ui = exporter.ui_file(exported)
+    files = "\n".join(f"- `{p.relative_to(run.root)}`" + (" (the file for UIs)" if p == ui else "") for p in exported)
+    for_uis = (f"- For UIs (AUTOMATIC1111/Forge, ComfyUI, InvokeAI): `{ui.relative_to(run.root)}`\n"
+               if ui is not None else "")
     t = cfg.train
     settings = (
         f"steps {step}, batch {t.batch_size} x accumulation {t.gradient_accumulation}, learning rate "
@@ -24,7 +27,7 @@ def write_model_card(run: RunFolder, cfg: RunConfig, exporter: Exporter, exporte
     run.model_card.write_text(
         f"# {cfg.output.name}\n\n"
         f"A **{cfg.trainer}** fine-tune of `{cfg.model.pretrained}` made with dreamtune.\n\n"
-        f"- Trigger: `{trigger}`\n- Example prompt: `{exporter.example_prompt()}`\n- Settings: {settings}\n"
+        f"{for_uis}- Trigger: `{trigger}`\n- Example prompt: `{exporter.example_prompt()}`\n- Settings: {settings}\n"
         f"- Full config: `config.yaml`\n\n"
         f"## Files\n\n{files}\n\n## How to use it\n\n{exporter.usage(run.final, exported)}\n"
     )

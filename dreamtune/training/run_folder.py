@@ -50,7 +50,19 @@ class RunFolder:
 
     @property
     def final(self) -> Path:
+        """The one file a UI loads (the method's exporter picks it), alone in its folder: InvokeAI refuses
+        a folder holding two weight files at any depth, and a UI's model list shows every one."""
         return self.root / "final"
+
+    @property
+    def diffusers(self) -> Path:
+        """The diffusers-format exports (a pipeline folder or an adapter file), for diffusers code."""
+        return self.root / "diffusers"
+
+    @property
+    def variants(self) -> Path:
+        """Further files of the same result in UI formats (e.g. other weightings, legacy formats)."""
+        return self.root / "variants"
 
     @property
     def model_card(self) -> Path:

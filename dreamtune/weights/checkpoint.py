@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsError
-from .diffusers_folder import component_file, config_dir_for, read_config, require_diffusers_folder
+from .diffusers_folder import (component_file, config_dir_for, read_config, require_diffusers_folder,
+                               save_pipeline_folder)
 from .ldm_keys import TEXT_MODEL_PREFIX, TEXT_PREFIX, TEXT_ROOTS, UNET_PREFIX, unet_key_map, vae_key_map
 from .safetensors_io import PathLike, is_pickle_path, save_safetensors
 from .single_file import HARMLESS_KEYS, HARMLESS_PREFIXES, checkpoint_metadata, pipeline_from_state, refuse_non_sd1
@@ -115,7 +116,7 @@ def save_diffusers_folder(state: Mapping[str, torch.Tensor], target: PathLike, c
     pipe = pipeline_from_state(state, config_dir, dtype)
 
     def write(tmp: Path) -> None:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline_folder(pipe, tmp)
         (tmp / "dreamtune_provenance.json").write_text(json.dumps(dict(metadata), indent=2) + "\n")
 
     return atomic_folder(target, write)

@@ -15,11 +15,13 @@ import torch
 from safetensors import safe_open
 
 from ..errors import WeightsError
-from .diffusers_folder import COMPONENT_FILES, find_component_file, require_diffusers_folder
+from .diffusers_folder import (COMPONENT_FILES, HUB_TEXT_ENCODER_PREFIX, find_component_file,
+                               require_diffusers_folder)
 from .ldm_keys import component_of
 from .lora_files import lora_layout
 from .lora_keys import KOHYA_TEXT_ENCODER_INPUT_PREFIXES, KOHYA_UNET_PREFIX
 from .lycoris_files import describe_adapter
+from .readers import readers
 from .safetensors_io import PathLike, is_pickle_path, load_pickle
 from .single_file import detect_layout
 
@@ -158,6 +160,7 @@ def describe_file(path: PathLike, allow_pickle: bool = False) -> dict[str, Any]:
                      "token": None if layout == "a1111" else key})
     elif kind == "checkpoint":
         info.update(_checkpoint_details(header))
+    info["loads_in"] = readers(info, header)
     return info
 
 
@@ -165,23 +168,28 @@ def describe_folder(path: PathLike, allow_pickle: bool = False) -> dict[str, Any
     """Describe a diffusers SD 1.x pipeline folder, component by component."""
     root = Path(path)
     components: dict[str, Any] = {}
+    hub_text_encoder = False
     for component in COMPONENT_FILES:
         weights = find_component_file(root, component)
         if weights is None:
             continue
         header, _, _ = read_header(weights, allow_pickle)
+        if component == "text_encoder":
+            hub_text_encoder = all(k.startswith(HUB_TEXT_ENCODER_PREFIX) for k in header)
         components[component] = {"file": weights.name, "tensors": len(header), "dtypes": _dtype_counts(header),
                                   "parameters": sum(_numel(s) for s, _ in header.values())}
     model_index = root / "model_index.json"
     files = [f for f in root.rglob("*") if f.is_file()]
-    return {
-        "path": str(root), "kind": "checkpoint", "layout": "diffusers",
+    info = {
+        "path": str(root), "kind": "checkpoint", "layout": "diffusers", "hub_text_encoder": hub_text_encoder,
         "size_bytes": sum(f.stat().st_size for f in files),
         "tensors": sum(c["tensors"] for c in components.values()),
         "parameters": sum(c["parameters"] for c in components.values()),
         "components": components,
         "pipeline": json.loads(model_index.read_text()).get("_class_name") if model_index.is_file() else None,
     }
+    info["loads_in"] = readers(info)
+    return info
 
 
 def describe(path: PathLike, allow_pickle: bool = False) -> dict[str, Any]:

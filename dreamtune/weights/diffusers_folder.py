@@ -30,6 +30,10 @@ COMPONENT_FILES = {
     "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin"),
 }
 
+#: The text-encoder key prefix of SD 1.5 on the hub. transformers 5 saves CLIPTextModel without it; ComfyUI's
+#: diffusers loader and transformers < 5 (inside InvokeAI) then find no key and keep a random text encoder.
+HUB_TEXT_ENCODER_PREFIX = "text_model."
+
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 _CLIP_MERGES = 49408 - 256 * 2 - len(_SPECIAL_TOKENS)
 
@@ -87,6 +91,33 @@ def component_file(folder: Path, component: str, allow_pickle: bool) -> Path:
     if is_pickle_path(found) and not allow_pickle:
         raise WeightsError(f"{found} is a pickle; pass --allow-pickle if you trust it")
     return found
+
+
+def save_pipeline_folder(pipe: Any, folder: PathLike) -> Path:
+    """``pipe.save_pretrained`` (safetensors) with the text encoder in the hub's SD 1.5 key layout, which every reader loads."""
+    pipe.save_pretrained(folder, safe_serialization=True)
+    write_hub_text_encoder_layout(Path(folder) / "text_encoder")
+    return Path(folder)
+
+
+def write_hub_text_encoder_layout(folder: Path) -> None:
+    """Rename a saved CLIPTextModel's keys to ``text_model.<key>`` in place (shards and their index too)."""
+    from safetensors import safe_open
+
+    from .safetensors_io import save_safetensors
+
+    def hub(key: str) -> str:
+        return key if key.startswith(HUB_TEXT_ENCODER_PREFIX) else HUB_TEXT_ENCODER_PREFIX + key
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {hub(key): handle.get_tensor(key) for key in handle.keys()}
+        save_safetensors(tensors, path, metadata=metadata)
+    for index in folder.glob("*.safetensors.index.json"):
+        data = json.loads(index.read_text())
+        data["weight_map"] = {hub(k): v for k, v in data.get("weight_map", {}).items()}
+        index.write_text(json.dumps(data, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLIP tokenizer

@@ -1,4 +1,4 @@
-"""DreamBooth exports: a diffusers pipeline folder and the single-file checkpoint UIs load, plus blends."""
+"""DreamBooth exports: the single-file checkpoint UIs load (alone in final/), a diffusers pipeline folder, blends."""
 
 from __future__ import annotations
 
@@ -15,24 +15,28 @@ from ...models.pipeline import build_pipeline, resolve_scheduler
 from ...training.method import Exporter
 from ...weights.blend import blend_with_base
 from ...weights.safetensors_io import save_safetensors
-from ...weights.diffusers_folder import SD1_CONFIG_DIR
+from ...weights.diffusers_folder import SD1_CONFIG_DIR, save_pipeline_folder
 from ...weights.single_file import diffusers_to_single_file, save_single_file
 
 
 class DreamBoothExporter(Exporter):
     def write(self, final_dir: Path, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
-        """final/diffusers (pipeline folder) + final/<name>.safetensors; with use_ema_for=both also <name>-raw."""
+        """final/<name>.safetensors + diffusers/ (pipeline folder); variants/<name>-raw (use_ema_for=both) and blends."""
         final_dir.mkdir(parents=True, exist_ok=True)
         parts = self._export_parts(modules)
         name, emas, choice = self.cfg.output.name, self.method.emas, self.cfg.dreambooth.use_ema_for
         if not (emas and choice == "both"):
             weights = "ema" if emas and choice == "ema" else "raw"
-            return [*self._save_pair(parts, final_dir, step, weights), *self._save_blends(parts, final_dir)]
-        raw = self._save_single_file(parts, final_dir / f"{name}-raw.safetensors", step, "raw")
+            return [*self._save_pair(parts, final_dir, step, weights), *self._save_blends(parts)]
+        self.run.variants.mkdir(parents=True, exist_ok=True)
+        raw = self._save_single_file(parts, self.run.variants / f"{name}-raw.safetensors", step, "raw")
         with self.method.ema_weights(modules):
-            return [*self._save_pair(parts, final_dir, step, "ema"), raw, *self._save_blends(parts, final_dir)]
+            return [*self._save_pair(parts, final_dir, step, "ema"), raw, *self._save_blends(parts)]
 
-    def _save_blends(self, parts: dict[str, Any], final_dir: Path) -> list[Path]:
+    def ui_file(self, files: list[Path]) -> Path | None:
+        return files[0]
+
+    def _save_blends(self, parts: dict[str, Any]) -> list[Path]:
         """``export.blend_alpha``: the exported weights averaged with the base, one single file per alpha."""
         alphas = self.cfg.export.blend_alpha or []
         if not alphas:
@@ -56,7 +60,8 @@ class DreamBoothExporter(Exporter):
                 "dreamtune.blend_alpha": alpha,
                 "dreamtune.base_model": self.cfg.model.pretrained,
             }
-            path = final_dir / f"{self.cfg.output.name}-blend-{alpha:.2f}.safetensors"
+            self.run.variants.mkdir(parents=True, exist_ok=True)
+            path = self.run.variants / f"{self.cfg.output.name}-blend-{alpha:.2f}.safetensors"
             paths.append(save_safetensors(tensors, path, metadata=metadata))
         return paths
 
@@ -72,9 +77,9 @@ class DreamBoothExporter(Exporter):
                  "vae": m.vae, "tokenizer": m.tokenizer, "scheduler": self._base_scheduler()}
         if self.cfg.train.mixed_precision != "no":
             base = self._pristine_base
-            parts["vae"] = base.vae
+            parts["vae"] = base.vae.float()  # a base stored in half precision still exports an fp32 folder
             if "text_encoder" not in modules:
-                parts["text_encoder"] = base.text_encoder
+                parts["text_encoder"] = base.text_encoder.float()
         return parts
 
     def _base_scheduler(self):
@@ -94,12 +99,11 @@ class DreamBoothExporter(Exporter):
         return scheduler
 
     def _save_pair(self, parts: dict[str, Any], final_dir: Path, step: int, weights: str) -> list[Path]:
-        """The diffusers pipeline folder (fp32, safetensors) and the single-file checkpoint."""
-        folder = final_dir / "diffusers"
-        pipe = build_pipeline(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], parts["scheduler"])
-        pipe.save_pretrained(folder, safe_serialization=True)
+        """The single-file checkpoint and the diffusers pipeline folder (fp32, safetensors, the hub's key layout)."""
         single = self._save_single_file(parts, final_dir / f"{self.cfg.output.name}.safetensors", step, weights)
-        return [folder, single]
+        pipe = build_pipeline(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], parts["scheduler"])
+        folder = save_pipeline_folder(pipe, self.run.diffusers)
+        return [single, folder]
 
     def _save_single_file(self, parts: dict[str, Any], path: Path, step: int, weights: str) -> Path:
         """One SD 1.x checkpoint in the original layout (what A1111, ComfyUI and InvokeAI load)."""
@@ -121,13 +125,14 @@ class DreamBoothExporter(Exporter):
         name, prompt = self.cfg.output.name, self.example_prompt()
         return f"""```python
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{final}/diffusers")       # the diffusers folder
+pipe = StableDiffusionPipeline.from_pretrained("{self.run.diffusers}")       # the diffusers folder
 # or: pipe = StableDiffusionPipeline.from_single_file("{final}/{name}.safetensors")
 image = pipe("{prompt}").images[0]
 ```
 
-`final/{name}.safetensors` is a complete checkpoint in the original Stable Diffusion layout.
-AUTOMATIC1111 / Forge: copy it into `models/Stable-diffusion/` and pick it as the checkpoint.
-ComfyUI: copy it into `models/checkpoints/` and use a *Load Checkpoint* node. InvokeAI: install
-`final/{name}.safetensors` (or the `final/diffusers` folder) from the model manager (type Main).
-With `dreambooth.use_ema_for: both`, `final/{name}-raw.safetensors` holds the weights without EMA."""
+**For UIs use `final/{name}.safetensors`**, a complete checkpoint in the original Stable Diffusion layout
+and the only file in `final/`. AUTOMATIC1111 / Forge: copy it into `models/Stable-diffusion/` and pick it
+as the checkpoint. ComfyUI: copy it into `models/checkpoints/` and use a *Load Checkpoint* node.
+InvokeAI: install the file (or the `diffusers/` folder) from the model manager (type Main).
+With `dreambooth.use_ema_for: both`, `variants/{name}-raw.safetensors` holds the weights without EMA;
+`export.blend_alpha` writes `variants/{name}-blend-<alpha>.safetensors`."""

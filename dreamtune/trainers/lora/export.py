@@ -1,5 +1,5 @@
-"""LoRA-family exports: the kohya/LyCORIS file UIs load (A1111, ComfyUI, InvokeAI) and, for plain LoRA and
-LoCon, diffusers' PEFT-format file (diffusers loads no DoRA-on-input-axis, LoHa or LoKr file for SD 1.x)."""
+"""LoRA-family exports: the kohya/LyCORIS file UIs load (A1111, ComfyUI, InvokeAI), alone in final/, and for
+plain LoRA and LoCon diffusers' PEFT-format file (diffusers loads no input-axis DoRA, LoHa or LoKr file for SD 1.x)."""
 
 from __future__ import annotations
 
@@ -39,16 +39,20 @@ class LoraExporter(Exporter):
             extra=network_metadata(s.type, s.conv_rank, s.conv_alpha, self._network_args()),
         )
         final_dir.mkdir(parents=True, exist_ok=True)
-        files = []
+        files = [Path(save_safetensors(kohya, final_dir / f"{self.cfg.output.name}.safetensors", metadata=metadata))]
         if s.type == "lora":
+            # Neither UI reads the PEFT layout (ComfyUI applies only its text-encoder keys; InvokeAI: unknown).
+            self.run.diffusers.mkdir(parents=True, exist_ok=True)
             files.append(Path(save_diffusers_lora(
-                final_dir,
+                self.run.diffusers,
                 lora_peft_state(adapters.unet),
                 lora_peft_state(adapters.text_encoder) or None,
                 metadata={k: v for k, v in metadata.items() if not k.startswith(("sshs_", "modelspec.hash"))},
             )))
-        files.append(Path(save_safetensors(kohya, final_dir / f"{self.cfg.output.name}.safetensors", metadata=metadata)))
         return files
+
+    def ui_file(self, files: list[Path]) -> Path | None:
+        return files[0]
 
     def _network_args(self) -> dict[str, object]:
         """The training options kohya/LyCORIS record in ss_network_args, where set."""
@@ -60,9 +64,10 @@ class LoraExporter(Exporter):
 
     def usage(self, final: Path, files: list[Path]) -> str:
         name, base, prompt = self.cfg.output.name, self.cfg.model.pretrained, self.example_prompt()
-        uis = f"""AUTOMATIC1111 / Forge: copy `final/{name}.safetensors` into `models/Lora/` and write
-`<lora:{name}:1>` in the prompt. ComfyUI: copy it into `models/loras/` and use a *LoraLoader* node.
-InvokeAI: install `final/{name}.safetensors` from the model manager (type LoRA)."""
+        uis = f"""**For UIs use `final/{name}.safetensors`** (kohya/LyCORIS format; the only file in `final/`).
+AUTOMATIC1111 / Forge: copy it into `models/Lora/` and write `<lora:{name}:1>` in the prompt.
+ComfyUI: copy it into `models/loras/` and use a *LoraLoader* node. InvokeAI: install the file (or the
+`final/` folder) from the model manager (type LoRA)."""
         if self.cfg.lora.type != "lora":
             return f"""diffusers cannot load a {self.cfg.lora.type} file for SD 1.x; bake it into the base instead:
 
@@ -74,9 +79,10 @@ dreamtune merge-lora {base} --lora {final}/{name}.safetensors:1.0 --out merged -
         return f"""```python
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{base}")
-pipe.load_lora_weights("{final}")                                   # the diffusers/PEFT file
+pipe.load_lora_weights("{self.run.diffusers}")                     # the diffusers/PEFT file
 # or: pipe.load_lora_weights("{final}", weight_name="{name}.safetensors")  # the kohya file
 image = pipe("{prompt}").images[0]
 ```
 
-{uis}"""
+{uis} `diffusers/pytorch_lora_weights.safetensors` is for diffusers code only: ComfyUI applies just its
+text-encoder part and InvokeAI does not recognise it."""

@@ -15,6 +15,7 @@ from ...training.method import TrainingMethod
 from .dora import add_dora
 from .export import LoraExporter
 from .family import Initial, check_patterns, conv_targets, initial_adapters, peft_config
+from .init_from import load_lora_into
 from .settings import LoraSettings
 
 
@@ -71,14 +72,19 @@ class LoraMethod(TrainingMethod):
             self._add(models.text_encoder, "text_encoder",
                       peft_config(s, self.text_encoder_rank, self.text_encoder_alpha, s.text_encoder_target_modules, [],
                                   _names(models.text_encoder)))
+        if s.init_from:
+            filled = load_lora_into(s.init_from, self.trained_modules(), self.cfg.model.allow_pickle)
+            if accelerator.is_main_process:
+                print(f"lora.init_from: {filled} modules start from {s.init_from}")
+        if s.type == "dora":  # the magnitude starts at the norm of W + s B A as the adapters now stand
+            for model in self.trained_modules().values():
+                add_dora(model)
         check_patterns(s, [n for part in self.trained_modules().values() for n in _adapted(part)])
 
     def _add(self, model: torch.nn.Module, part: str, config) -> None:
         model.add_adapter(config)
         if self.settings.init != "gaussian":
             self.initial[part] = initial_adapters(model)
-        if self.settings.type == "dora":
-            add_dora(model)
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         """With LoRA+ (``lora.plus_ratio``), each model's B matrices get their own group at ``ratio x lr``."""

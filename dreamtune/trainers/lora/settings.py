@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -45,11 +46,20 @@ class LoraSettings(MethodSettings):
     text_encoder_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
     )
+    init_from: str | None = Field(
+        None, description="Start the adapters from this LoRA file (kohya or diffusers); its rank must match."
+    )
+
+    def check_run(self, cfg) -> None:
+        if self.init_from and not Path(self.init_from).is_file():
+            raise ValueError(f"lora.init_from: {self.init_from} is not a file; give a kohya or diffusers LoRA "
+                             ".safetensors")
 
     @model_validator(mode="after")
     def _check(self) -> "LoraSettings":
         low_rank_only = {"lora.init": self.init != "gaussian", "lora.rslora": self.rslora,
-                         "lora.plus_ratio": self.plus_ratio is not None, "lora.dropout": self.dropout > 0}
+                         "lora.plus_ratio": self.plus_ratio is not None, "lora.dropout": self.dropout > 0,
+                         "lora.init_from": self.init_from is not None}
         for key, used in low_rank_only.items():
             if used and self.type not in LOW_RANK_TYPES:
                 raise ValueError(f"{key} applies to lora.type lora or dora, not {self.type}; "
@@ -57,6 +67,8 @@ class LoraSettings(MethodSettings):
         for key, value in (("lora.rank_dropout", self.rank_dropout), ("lora.module_dropout", self.module_dropout)):
             if value and self.type in LOW_RANK_TYPES:
                 raise ValueError(f"{key} applies to lora.type loha or lokr (for lora/dora use lora.dropout)")
+        if self.init != "gaussian" and self.init_from:
+            raise ValueError(f"lora.init={self.init} and lora.init_from both set where the adapters start; keep one")
         if self.init != "gaussian" and self.conv_rank is not None:
             raise ValueError(f"lora.init={self.init} initialises linear layers only (PEFT); remove lora.conv_rank "
                              "or use lora.init=gaussian")

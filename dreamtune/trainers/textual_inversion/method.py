@@ -12,6 +12,7 @@ from ...data.captions import ensure_token, pick_template
 from ...data.sources import scan_records
 from ...errors import ConfigError
 from ...training.method import TrainingMethod
+from ...weights.embeddings import load_embedding
 from ...training.step import StepContext
 from .export import DIFFUSERS_FILE, TextualInversionExporter
 from .settings import TextualInversionSettings
@@ -53,6 +54,8 @@ class TextualInversionMethod(TrainingMethod):
         initializer_id = self._initializer_id(models.tokenizer)
         self._check_placeholder(models.tokenizer)
         self.token_ids = self._add_tokens(models.tokenizer, models.text_encoder, initializer_id)
+        if self.settings.init_from:
+            self._load_rows(models.text_encoder, self.settings.init_from)
         models.text_encoder.requires_grad_(False)
         weight = models.text_encoder.get_input_embeddings().weight
         weight.requires_grad_(True)
@@ -63,12 +66,27 @@ class TextualInversionMethod(TrainingMethod):
         if not self.settings.use_templates and accelerator.is_main_process:
             self._announce_captions_without_token()
 
+    def _load_rows(self, text_encoder: torch.nn.Module, path: str) -> None:
+        """textual_inversion.init_from: the new rows start from an embedding file's vectors."""
+        vectors, _ = load_embedding(path, self.cfg.model.allow_pickle)
+        weight = text_encoder.get_input_embeddings().weight
+        if tuple(vectors.shape) != (len(self.token_ids), weight.shape[1]):
+            raise ConfigError(
+                f"textual_inversion.init_from: {path} holds {vectors.shape[0]} vectors of width {vectors.shape[1]}, "
+                f"this run trains {len(self.token_ids)} of width {weight.shape[1]}: set textual_inversion.num_vectors="
+                f"{vectors.shape[0]}" + ("" if vectors.shape[1] == weight.shape[1] else
+                                          ", and train on the base the embedding was made for")
+            )
+        with torch.no_grad():
+            weight[self.token_ids] = vectors.to(weight.device, weight.dtype)
+
     def _check_output_name(self) -> None:
-        """The A1111 file is ``<output.name>.safetensors``; it must not overwrite diffusers' file."""
+        """The A1111 file is ``final/<output.name>.safetensors``; it must not carry diffusers' own file name,
+        which diffusers' loader (given the folder) and InvokeAI take for the diffusers format."""
         if f"{self.cfg.output.name}.safetensors" == DIFFUSERS_FILE:
             raise ConfigError(
-                f"output.name: {self.cfg.output.name!r} would overwrite final/{DIFFUSERS_FILE}; choose another "
-                "name (it is also the word A1111 users type)"
+                f"output.name: {self.cfg.output.name!r} would name the A1111 file like diffusers' {DIFFUSERS_FILE}; "
+                "choose another name (it is also the word A1111 users type)"
             )
 
     def _initializer_id(self, tokenizer) -> int:

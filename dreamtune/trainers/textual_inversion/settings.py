@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -30,6 +31,9 @@ class TextualInversionSettings(MethodSettings):
         True, description="Caption with the TI templates; false uses the data captions (the word prepended if missing)."
     )
     export_pt: bool = Field(False, description="Also write the legacy A1111 .pt embedding (a pickle).")
+    init_from: str | None = Field(
+        None, description="Start the vectors from this embedding file (diffusers or A1111); num_vectors must match."
+    )
 
     @field_validator("placeholder_token")
     @classmethod
@@ -41,6 +45,11 @@ class TextualInversionSettings(MethodSettings):
     def fallback_caption(self) -> str:
         """The caption for images without one: the first template of the learnable property."""
         return templates_for(self.learnable_property)[0].format(self.placeholder_token)
+
+    def check_run(self, cfg) -> None:
+        if self.init_from and not Path(self.init_from).is_file():
+            raise ValueError(f"textual_inversion.init_from: {self.init_from} is not a file; give an embedding "
+                             ".safetensors (diffusers learned_embeds or A1111)")
 
     def apply_run_defaults(self, cfg) -> None:
         """TI's own lr and steps where train: leaves them unset, and a caption holding the new word."""
