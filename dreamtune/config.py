@@ -120,6 +120,10 @@ class MethodSettings(Section):
     def check_run(self, cfg: "RunConfig") -> None:
         """Rules across sections; raise ValueError naming the keys and what to set."""
 
+    def skips_modules(self) -> bool:
+        """Whether some steps leave a trained module out at random (its weights then get no gradient there)."""
+        return False
+
     def trained_models(self) -> tuple[str, ...]:
         """Which of ``unet`` and ``text_encoder`` this config trains."""
         return ("unet",)

@@ -47,6 +47,12 @@ def ti_moved(run: Path, model_dir: Path) -> float:
     return torch.cdist(vectors.float(), table.float()).min().item()
 
 
+def family_moved(run: Path, model_dir: Path) -> float:
+    """The largest entry of the factors that start at zero (lora_up, hada_w2_b) in the UI file."""
+    tensors = load_file(str(run / "final" / "sks_toy_lora.safetensors"))
+    return max(v.abs().max().item() for k, v in tensors.items() if k.endswith(("lora_up.weight", "hada_w2_b")))
+
+
 # trainer -> (recipe, overrides for both runs, how far training moved the exported weights)
 CASES = {
     "lora": ("tiny_lora.yaml", ["lora.train_text_encoder=true", "train.gradient_accumulation=2",
@@ -58,6 +64,9 @@ CASES = {
         dreambooth_moved,
     ),
     "textual_inversion": ("tiny_ti.yaml", [], ti_moved),
+    "lora_dora": ("tiny_lora.yaml", ["lora.type=dora", "lora.conv_rank=2", "lora.train_text_encoder=true",
+                                     "train.lr_warmup_steps=0"], family_moved),
+    "lora_loha": ("tiny_lora.yaml", ["lora.type=loha", "train.lr_warmup_steps=0"], family_moved),
 }
 
 
@@ -202,3 +211,15 @@ def test_a_stop_on_one_process_stops_both_at_the_same_step_and_resumes(tiny_mode
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("resumed from") == 1 and resumed.stdout.count("done: 4 steps") == 1, resumed.stdout
     assert (out / "final" / "sks_toy_lora.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_module_dropout_trains_on_two_processes(tiny_model_dir, tmp_path):
+    """lora.module_dropout skips a module on one process only: DDP must accept its missing gradients."""
+    run = launch_two(REPO_ROOT / "configs" / "tiny_lora.yaml", f"model.pretrained={tiny_model_dir}",
+                     f"data.instance_dir={REPO_ROOT / 'examples' / 'sks_toy'}", "data.resolution=32",
+                     f"output.dir={tmp_path / 'out'}", "train.max_steps=4", "train.batch_size=1", "train.save_every=0",
+                     "validation.prompts=[]", "logging.report_to=[]", "lora.type=loha", "lora.module_dropout=0.5",
+                     "lora.rank_dropout=0.2", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "out" / "final" / "sks_toy_lora.safetensors").is_file()

@@ -315,7 +315,8 @@ def test_benchmark_entries_are_the_packaged_recipes_and_configs_links_them():
     from dreamtune.toyworld.paths import RECIPE_DIR
 
     assert set(benchmark.ENTRIES) == set(benchmark.TARGETS) == {"lora", "dreambooth", "dreambooth_prior",
-                                                                "textual_inversion"}
+                                                                "textual_inversion", "lora_dora", "locon", "loha",
+                                                                "lokr"}
     assert all(path.parent == RECIPE_DIR for path in benchmark.ENTRIES.values())
     configs = Path(__file__).resolve().parents[1] / "configs"
     links = {"quickstart_lora.yaml": "lora", "toyworld_dreambooth.yaml": "dreambooth",
@@ -442,6 +443,22 @@ def test_benchmark_tells_an_export_by_its_files(tmp_path):
         export_kind("missing", tmp_path / "missing" / "final")
 
 
+def test_benchmark_reads_a_lora_family_export_by_its_ui_file(tmp_path):
+    """LoHa/LoKr/DoRA exports hold only the kohya/LyCORIS file: that is the export, loaded and sized."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dreamtune.toyworld.benchmark import export_kind, export_size, ui_lora_file
+
+    final = tmp_path / "loha"
+    final.mkdir()
+    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(final / "sks_heart_loha.safetensors"))
+    save_file({"other": torch.zeros(1)}, str(final / "notes.safetensors"))
+    assert ui_lora_file(final) == final / "sks_heart_loha.safetensors"
+    assert export_kind("loha", final) == "lora"
+    assert export_size("loha", final) == (final / "sks_heart_loha.safetensors").stat().st_size
+
+
 # ---- from an installed wheel ------------------------------------------------------------------
 
 
@@ -498,7 +515,8 @@ def test_benchmark_runs_from_an_installed_wheel(tmp_path):
     installed = Path(purelib).resolve() / "dreamtune"
     assert Path(module).resolve().is_relative_to(installed), module
     assert Path(model_dir).resolve().is_relative_to(installed) and (Path(model_dir) / "model_index.json").is_file()
-    assert entries == str(["dreambooth", "dreambooth_prior", "lora", "textual_inversion"])
+    assert entries == str(["dreambooth", "dreambooth_prior", "locon", "loha", "lokr", "lora", "lora_dora",
+                           "textual_inversion"])
 
     dreamtune = python.with_name("dreamtune.exe" if os.name == "nt" else "dreamtune")
     run = subprocess.run([str(dreamtune), "evaluate", "--benchmark", "toyworld", "--quick", "--trainers", "lora",

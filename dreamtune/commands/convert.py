@@ -35,7 +35,7 @@ def _convert(args: argparse.Namespace) -> Path:
     from ..models.dtypes import DTYPES
     from ..weights.checkpoint import convert_checkpoint
     from ..weights.embeddings import convert_embedding
-    from ..weights.lora_files import convert_lora
+    from ..weights.lycoris_files import convert_adapter
     from ..weights.provenance import provenance
 
     kind, layout = _kind(args.input, args.allow_pickle)
@@ -51,7 +51,7 @@ def _convert(args: argparse.Namespace) -> Path:
     if kind == "checkpoint":
         return convert_checkpoint(args.input, args.output, target, dtype, meta, args.config_dir, args.allow_pickle)
     if kind == "lora":
-        return convert_lora(args.input, args.output, target, dtype, meta, args.allow_pickle)
+        return convert_adapter(args.input, args.output, target, dtype, meta, args.allow_pickle)
     return convert_embedding(args.input, args.output, target, dtype, meta, args.token, args.allow_pickle)
 
 

@@ -1,4 +1,5 @@
-"""`dreamtune merge-lora`: bake LoRAs (kohya or diffusers/PEFT, each with a scale) into a base checkpoint."""
+"""`dreamtune merge-lora`: bake LoRA-family files (kohya/LyCORIS LoRA, LoCon, DoRA, LoHa, LoKr, or diffusers/PEFT
+LoRA, each with a scale) into a base checkpoint."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def _unet_map(base: str, config_dir: str | None):
 def run(args: argparse.Namespace) -> int:
     from ..models.dtypes import DTYPES
     from ..weights.checkpoint import open_checkpoint, save_checkpoint
-    from ..weights.lora_files import read_lora
-    from ..weights.merge import describe_loras, merge_loras, text_encoder_module_names, unet_module_names
+    from ..weights.lycoris_files import read_adapter
+    from ..weights.lycoris_merge import merge_adapters
+    from ..weights.merge import describe_loras, text_encoder_module_names, unet_module_names
     from ..weights.provenance import provenance
 
     loras = [parse_lora_arg(text) for text in args.lora]
@@ -46,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         unet_map, config_dir = _unet_map(args.base, args.config_dir)
         with open_checkpoint(args.base, args.allow_pickle) as base:
             te_names = text_encoder_module_names(base)
-            files = [(read_lora(p, args.allow_pickle, unet_module_names(unet_map), te_names), s) for p, s in loras]
-            state = merge_loras(base, files, unet_map, DTYPES.get(args.dtype))
+            files = [(read_adapter(p, args.allow_pickle, unet_module_names(unet_map), te_names), s) for p, s in loras]
+            state = merge_adapters(base, files, unet_map, DTYPES.get(args.dtype))
         settings = {"loras": describe_loras([p for p, _ in loras], [s for _, s in loras]),
                     "dtype": args.dtype or "as base"}
         meta = provenance("merge-lora", [args.base, *(p for p, _ in loras)], settings, hash_inputs=not args.no_hash)
@@ -62,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge-lora", help="bake LoRAs into a checkpoint (linear and conv layers, alpha/rank honoured)")
     p.add_argument("base", help="base checkpoint: single-file .safetensors or diffusers folder")
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]",
-                   help="a kohya or diffusers/PEFT LoRA file with an optional scale; repeat for several")
+                   help="a kohya/LyCORIS (LoRA, LoCon, DoRA, LoHa, LoKr) or diffusers/PEFT LoRA file with an "
+                   "optional scale; repeat for several")
     p.add_argument("--out", required=True, help="output .safetensors (or a folder with --format diffusers)")
     p.add_argument("--format", choices=["single-file", "diffusers"], default="single-file")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output dtype (default: the base's)")

@@ -14,6 +14,18 @@ def _with_value(text: str) -> tuple[Path, str | None]:
     return (Path(path), value) if sep and path and not Path(text).exists() else (Path(text), None)
 
 
+def _is_lycoris(path: Path) -> bool:
+    """A kohya-layout file holding LoHa, LoKr or DoRA tensors."""
+    from safetensors import safe_open
+
+    from ..weights.lycoris_formats import is_lycoris
+
+    if path.is_dir() or path.suffix != ".safetensors":
+        return False
+    with safe_open(str(path), "pt") as f:
+        return is_lycoris(f.keys())
+
+
 def load_extras(pipe, loras: list[str], embeddings: list[str], default_scale: float) -> list[str]:
     """Load each LoRA (``FILE[:WEIGHT]``) and embedding (``FILE[:TOKEN]``) into ``pipe``; return what was loaded."""
     from ..errors import DreamtuneError
@@ -28,6 +40,13 @@ def load_extras(pipe, loras: list[str], embeddings: list[str], default_scale: fl
             scale = default_scale if weight is None else float(weight)
         except ValueError:
             raise DreamtuneError(f"--lora {text}: the weight after ':' must be a number, e.g. {path}:0.8") from None
+        if _is_lycoris(path):  # LoHa/LoKr/DoRA: diffusers cannot load them; patch the weights as a UI does
+            from ..weights.lycoris_files import read_adapter
+            from ..weights.lycoris_merge import patch_models
+
+            patch_models(read_adapter(path), {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, scale)
+            loaded.append(f"{path.stem} x{scale:g}")
+            continue
         folder, name = (path, None) if path.is_dir() else (path.parent, path.name)
         pipe.load_lora_weights(str(folder), weight_name=name, adapter_name=f"lora{i}")
         names.append(f"lora{i}")
@@ -79,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="diffusers folder, hub id or single-file .safetensors")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several rows")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="a LoRA file (kohya or diffusers) or a folder holding one, with an optional weight; repeatable")
+                   help="a LoRA-family file (kohya/LyCORIS LoRA, DoRA, LoHa, LoKr, or diffusers) or a folder "
+                   "holding one, with an optional weight; repeatable")
     p.add_argument("--lora-scale", type=float, default=1.0, help="weight of each --lora given without one")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a Textual Inversion file (diffusers or A1111; an A1111 file's word is its file name "

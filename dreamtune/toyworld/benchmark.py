@@ -48,6 +48,7 @@ TARGETS = {
     "dreambooth": {"concept": 0.8, "prompt": 0.6},
     "dreambooth_prior": {"concept": 0.8, "prompt": 0.6, "base_accuracy": 0.9},
     "textual_inversion": {"concept": 0.5},
+    **{entry: {"concept": 0.8, "prompt": 0.6} for entry in ("lora_dora", "locon", "loha", "lokr")},
 }
 GENERATION = {"steps": 30, "guidance": 3.0}
 
@@ -109,21 +110,57 @@ def export_kind(entry: str, final: Path) -> str:
     folder = _diffusers_dir(final)
     if (folder / "model_index.json").is_file():
         return "pipeline"
-    if (folder / LORA_FILE).is_file():
+    if (folder / LORA_FILE).is_file() or ui_lora_file(final) is not None:
         return "lora"
     if (folder / EMBEDDING_FILE).is_file():
         return "embedding"
     raise FileNotFoundError(f"{folder}: the {entry} run exported no diffusers model, {LORA_FILE} or {EMBEDDING_FILE}")
 
 
+def ui_lora_file(final: Path) -> Path | None:
+    """The kohya/LyCORIS file of a LoRA-family export (``lora_unet_*`` keys), the one A1111/ComfyUI load; else None."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(final.glob("*.safetensors")):
+        if path.name in (LORA_FILE, EMBEDDING_FILE):
+            continue
+        try:
+            with safe_open(str(path), "pt") as f:
+                if any(k.startswith("lora_unet_") for k in f.keys()):
+                    return path
+        except SafetensorError:  # not a safetensors file at all: not the UI file either
+            continue
+    return None
+
+
+def _merged_ui_file(model_dir: Path, ui_file: Path, out: Path):
+    """The UI file applied to the base as A1111/ComfyUI patch weights: `dreamtune merge-lora`, then loaded."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..cli import main
+
+    if main(["merge-lora", str(model_dir), "--lora", str(ui_file), "--out", str(out), "--format", "diffusers",
+             "--no-hash"]) != 0:
+        raise RuntimeError(f"merge-lora could not bake {ui_file} into {model_dir}")
+    return StableDiffusionPipeline.from_pretrained(
+        str(out), safety_checker=None, requires_safety_checker=False, use_safetensors=True)
+
+
 def load_export(entry: str, model_dir: Path, final: Path):
-    """The trained pipeline, built from the exported diffusers files only (as a user would load them)."""
+    """The trained pipeline, built from the exported files only (as a user would load them).
+
+    A LoRA-family export is loaded from its UI file through `dreamtune merge-lora`: A1111 and ComfyUI
+    patch the weights the same way, and diffusers loads neither LoHa, LoKr nor input-axis DoRA.
+    """
     from diffusers import StableDiffusionPipeline
 
     kind, folder = export_kind(entry, final), _diffusers_dir(final)
     if kind == "pipeline":
         return StableDiffusionPipeline.from_pretrained(
             str(folder), safety_checker=None, requires_safety_checker=False, use_safetensors=True)
+    ui_file = ui_lora_file(final) if kind == "lora" else None
+    if ui_file is not None:
+        return _merged_ui_file(model_dir, ui_file, final.parent / "merged-ui")
     pipe = load_base(model_dir)
     if kind == "lora":
         pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)

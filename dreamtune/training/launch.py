@@ -36,7 +36,7 @@ def refuse_impossible_launch(cfg: RunConfig) -> None:
 def make_accelerator(cfg: RunConfig, run_folder: RunFolder):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     # A second run in the same process (tests, sweeps) may use another precision; the process
     # group itself (PartialState) is kept.
@@ -52,6 +52,10 @@ def make_accelerator(cfg: RunConfig, run_folder: RunFolder):
             gradient_accumulation_steps=cfg.train.gradient_accumulation,
             log_with=list(cfg.logging.report_to) or None,
             project_config=ProjectConfiguration(project_dir=str(run_folder.root), logging_dir=str(run_folder.logs)),
+            # A method that skips whole modules at random on some steps leaves their weights without a
+            # gradient on one process; DDP must then look for unused parameters or it hangs/raises.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+            if cfg.method_settings.skips_modules() else None,
         )
     except ValueError as err:
         raise ConfigError(f"train.mixed_precision={cfg.train.mixed_precision!r}: {err}") from err

@@ -20,6 +20,7 @@ from .diffusers_folder import (COMPONENT_FILES, HUB_TEXT_ENCODER_PREFIX, find_co
 from .ldm_keys import component_of
 from .lora_files import lora_layout
 from .lora_keys import KOHYA_TEXT_ENCODER_INPUT_PREFIXES, KOHYA_UNET_PREFIX
+from .lycoris_files import describe_adapter
 from .readers import readers
 from .safetensors_io import PathLike, is_pickle_path, load_pickle, read_safetensors_header
 from .single_file import detect_layout
@@ -153,7 +154,7 @@ def describe_file(path: PathLike, allow_pickle: bool = False) -> dict[str, Any]:
         "dtypes": _dtype_counts(header), "metadata": metadata,
     }
     if kind == "lora":
-        info.update(_lora_details(header, layout, metadata, read))
+        info.update(describe_adapter(header, read) or _lora_details(header, layout, metadata, read))
     elif kind == "textual-inversion" and layout in ("a1111", "diffusers"):
         key, (shape, _) = next(iter(header.items()))
         info.update({"vectors": shape[0] if len(shape) == 2 else 1, "dim": shape[-1],

@@ -76,7 +76,7 @@ def _kohya_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, to
         if suffix not in (KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA):
             raise WeightsError(
                 f"kohya key {key!r}: expected <name>.lora_down.weight, .lora_up.weight or .alpha "
-                "(LyCORIS/LoHa/LoKr/DoRA files are not plain LoRA and cannot be converted)"
+                "(LoHa/LoKr/DoRA files are not plain LoRA: read them with lycoris_files.read_adapter)"
             )
         groups.setdefault(lora_name, {})[suffix] = tensor
     if not groups:

@@ -47,7 +47,7 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, target_shape: tuple[int, ..
     return delta
 
 
-def _target_key(part: str, module: str, unet_map: KeyMap) -> str:
+def target_key(part: str, module: str, unet_map: KeyMap) -> str:
     """Canonical single-file weight key of a LoRA module."""
     if part == "text_encoder":
         return TEXT_MODEL_PREFIX + canonical_text_encoder_path(module) + ".weight"
@@ -66,7 +66,7 @@ def collect_updates(loras: Sequence[tuple[LoraFile, float]], unet_map: KeyMap) -
     for lora, user_scale in loras:
         for part in ("unet", "text_encoder"):
             for module, (down, up) in lora.modules(part).items():
-                key = _target_key(part, module, unet_map)
+                key = target_key(part, module, unet_map)
                 updates.setdefault(key, []).append((down, up, user_scale * lora.scale(module)))
     if not updates:
         raise MergeError("the LoRAs hold no modules to merge")

@@ -35,6 +35,12 @@ def _kohya_width(header: Header) -> int | None:
 
 
 def lora_readers(layout: str, header: Header) -> dict[str, str]:
+    from .lycoris_formats import is_lycoris
+
+    if layout == "kohya" and is_lycoris(header):  # LoHa/LoKr/DoRA (InvokeAI's reading was not checked)
+        return {DIFFUSERS: "no: it loads no LoHa, LoKr or input-axis DoRA for SD 1.x; bake it with "
+                           "`dreamtune merge-lora`",
+                A1111: "yes (network_hada/network_lokr, dora_scale)", COMFYUI: "yes (weight_adapter loha/lokr/lora)"}
     if layout == "kohya":
         return {DIFFUSERS: "yes (load_lora_weights with weight_name)", A1111: "yes", COMFYUI: "yes",
                 INVOKEAI: _width_verdict(_kohya_width(header), "text width")}

@@ -1,42 +1,30 @@
-"""LoRA exports: the kohya file UIs load (A1111, ComfyUI, InvokeAI), alone in final/, and diffusers' PEFT-format file."""
+"""LoRA-family exports: the kohya/LyCORIS file UIs load (A1111, ComfyUI, InvokeAI), alone in final/, and for
+plain LoRA and LoCon diffusers' PEFT-format file (diffusers loads no input-axis DoRA, LoHa or LoKr file for SD 1.x)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ...models.dtypes import dtype_of
 from ...training.method import Exporter
 from ...training.run_folder import RunFolder
-from ...weights.lora_formats import kohya_metadata, lora_config_values, peft_to_kohya, save_diffusers_lora
+from ...weights.lora_formats import kohya_metadata, most_common, save_diffusers_lora
+from ...weights.lycoris_formats import AdapterFile, lora_peft_state, network_metadata, to_kohya_tensors
 from ...weights.safetensors_io import save_safetensors
-
-
-def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors in PEFT naming, fp32 on the CPU."""
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(module, save_embedding_layers=False)
-    return {k: v.detach().float().cpu() for k, v in state.items()}
+from .family import adapter_modules
 
 
 class LoraExporter(Exporter):
-    def write(self, out: RunFolder, modules: dict[str, torch.nn.Module], step: int) -> list[Path]:
-        lora = {part: lora_state(modules[part]) for part in ("unet", "text_encoder") if part in modules}
-        configs = {part: modules[part].peft_config["default"] for part in lora}
-        ranks, alphas = {}, {}
-        for part, state in lora.items():
-            part_ranks, part_alphas = lora_config_values(state, configs[part])
-            ranks.update(part_ranks)
-            alphas.update(part_alphas)
+    def write(self, out: RunFolder, modules: dict, step: int) -> list[Path]:
+        adapters = AdapterFile(**{part: adapter_modules(modules[part], self.method.initial.get(part))
+                                  for part in ("unet", "text_encoder") if part in modules})
         dtype = dtype_of(self.cfg.export.dtype)
-        kohya = peft_to_kohya(lora["unet"], lora.get("text_encoder"), rank=ranks, alpha=alphas)
-        kohya = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kohya.items()}
+        kohya = {k: (v.to(dtype) if v.dim() else v) for k, v in to_kohya_tensors(adapters).items()}
         s, t = self.cfg.lora, self.cfg.train
+        every = [m for _, _, m in adapters.parts()]
         metadata = kohya_metadata(
-            rank=s.rank,
-            alpha=s.alpha,
+            rank=int(most_common(m.rank() or s.rank for m in every)),
+            alpha=float(most_common(m.alpha for m in every)),
             title=self.cfg.output.name,
             output_name=self.cfg.output.name,
             steps=step,
@@ -49,26 +37,46 @@ class LoraExporter(Exporter):
             text_encoder_lr=(s.text_encoder_lr or t.learning_rate) if s.train_text_encoder else None,
             training_comment="trained with dreamtune",
             tensors=kohya,
+            extra=network_metadata(s.type, s.conv_rank, s.conv_alpha, self._network_args()),
         )
         out.final.mkdir(parents=True, exist_ok=True)
-        kohya_path = save_safetensors(kohya, out.final / f"{self.cfg.output.name}.safetensors", metadata=metadata)
-        # Neither UI reads the PEFT layout (ComfyUI applies only its text-encoder keys; InvokeAI: unknown).
-        out.diffusers.mkdir(parents=True, exist_ok=True)
-        diffusers_path = save_diffusers_lora(
-            out.diffusers,
-            lora["unet"],
-            lora.get("text_encoder"),
-            unet_lora_config=configs["unet"],
-            text_encoder_lora_config=configs.get("text_encoder"),
-            metadata={k: v for k, v in metadata.items() if not k.startswith(("sshs_", "modelspec.hash"))},
-        )
-        return [Path(kohya_path), Path(diffusers_path)]
+        files = [Path(save_safetensors(kohya, out.final / f"{self.cfg.output.name}.safetensors", metadata=metadata))]
+        if s.type == "lora":
+            # Neither UI reads the PEFT layout (ComfyUI applies only its text-encoder keys; InvokeAI: unknown).
+            out.diffusers.mkdir(parents=True, exist_ok=True)
+            files.append(Path(save_diffusers_lora(
+                out.diffusers,
+                lora_peft_state(adapters.unet),
+                lora_peft_state(adapters.text_encoder) or None,
+                metadata={k: v for k, v in metadata.items() if not k.startswith(("sshs_", "modelspec.hash"))},
+            )))
+        return files
 
     def ui_file(self, files: list[Path]) -> Path | None:
         return files[0]
 
+    def _network_args(self) -> dict[str, object]:
+        """The training options kohya/LyCORIS record in ss_network_args, where set."""
+        s = self.cfg.lora
+        args = {"rank_dropout": s.rank_dropout or None, "module_dropout": s.module_dropout or None,
+                "dropout": s.dropout or None, "rs_lora": s.rslora or None,
+                "init": s.init if s.init != "gaussian" else None, "loraplus_lr_ratio": s.plus_ratio}
+        return {k: v for k, v in args.items() if v is not None}
+
     def usage(self, final: Path, files: list[Path]) -> str:
         name, base, prompt = self.cfg.output.name, self.cfg.model.pretrained, self.example_prompt()
+        uis = f"""**For UIs use `final/{name}.safetensors`** (kohya/LyCORIS format; the only file in `final/`).
+AUTOMATIC1111 / Forge: copy it into `models/Lora/` and write `<lora:{name}:1>` in the prompt.
+ComfyUI: copy it into `models/loras/` and use a *LoraLoader* node. InvokeAI: install the file (or the
+`final/` folder) from the model manager (type LoRA)."""
+        if self.cfg.lora.type != "lora":
+            return f"""diffusers cannot load a {self.cfg.lora.type} file for SD 1.x; bake it into the base instead:
+
+```bash
+dreamtune merge-lora {base} --lora {final}/{name}.safetensors:1.0 --out merged --format diffusers
+```
+
+{uis}"""
         return f"""```python
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{base}")
@@ -77,8 +85,5 @@ pipe.load_lora_weights("{self.run.diffusers}")                     # the diffuse
 image = pipe("{prompt}").images[0]
 ```
 
-**For UIs use `final/{name}.safetensors`** (kohya format; the only file in `final/`).
-AUTOMATIC1111 / Forge: copy it into `models/Lora/` and write `<lora:{name}:1>` in the prompt.
-ComfyUI: copy it into `models/loras/` and use a *LoraLoader* node. InvokeAI: install the file (or the
-`final/` folder) from the model manager (type LoRA). `diffusers/pytorch_lora_weights.safetensors` is for
-diffusers code only: ComfyUI applies just its text-encoder part and InvokeAI does not recognise it."""
+{uis} `diffusers/pytorch_lora_weights.safetensors` is for diffusers code only: ComfyUI applies just its
+text-encoder part and InvokeAI does not recognise it."""
