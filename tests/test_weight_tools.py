@@ -27,8 +27,10 @@ from dreamtune.weights.describe import describe
 from dreamtune.weights.embeddings import convert_embedding, save_diffusers_embedding
 from dreamtune.weights.ldm_keys import component_of, unet_key_map
 from dreamtune.weights.lora_files import convert_lora, read_lora
-from dreamtune.weights.lora_formats import LoraFile, kohya_metadata, peft_to_kohya
-from dreamtune.weights.merge import lora_delta, merge_loras
+from dreamtune.weights.lora_formats import kohya_metadata, peft_to_kohya
+from dreamtune.weights.lycoris_formats import AdapterFile, AdapterModule
+from dreamtune.weights.lycoris_merge import merge_adapters
+from dreamtune.weights.merge import lora_delta
 from dreamtune.weights.sources import read_state
 
 PROMPT = "a red circle"
@@ -190,12 +192,11 @@ def test_conv_lora_merge_math(single_a, tiny_model_dir):
     assert torch.allclose(lora_delta(down1, up1, (64, 32, 1, 1), "k")[:, :, 0, 0], up1[:, :, 0, 0] @ down1[:, :, 0, 0])
 
     unet_map = unet_key_map(_read_json(tiny_model_dir / "unet" / "config.json"))
-    lora = LoraFile("kohya", unet={"down_blocks.0.resnets.0.conv1.lora_A.weight": down,
-                                   "down_blocks.0.resnets.0.conv1.lora_B.weight": up},
-                    ranks={"down_blocks.0.resnets.0.conv1": 2}, alphas={"down_blocks.0.resnets.0.conv1": 1.0})
+    lora = AdapterFile(unet={"down_blocks.0.resnets.0.conv1": AdapterModule(
+        "lora", {"lora_down.weight": down, "lora_up.weight": up}, alpha=1.0)})
     key = unet_map.to_single["down_blocks.0.resnets.0.conv1.weight"]
     with open_checkpoint(single_a) as base:
-        merged = merge_loras(base, [(lora, 0.8)], unet_map)
+        merged = merge_adapters(base, [(lora, 0.8)], unet_map)
         expected = base.get(key) + 0.8 * 0.5 * torch.einsum("or,rihw->oihw", up[:, :, 0, 0], down)
     assert torch.allclose(merged[key], expected, atol=1e-5)
 

@@ -1,9 +1,9 @@
-"""Bake LoRAs (kohya or diffusers/PEFT files) into an SD 1.x checkpoint, linear and conv layers.
+"""The plain-LoRA part of baking adapters into an SD 1.x checkpoint: the update of one module, and where it goes.
 
 For a module with ``down`` (lora_A, ``[r, in]`` or conv ``[r, in, kh, kw]``), ``up`` (lora_B,
 ``[out, r]`` or conv ``[out, r, 1, 1]``), file scale ``alpha / r`` and user scale ``s``:
 ``W += s * alpha / r * up @ down`` (for convs, the composition of the two convolutions,
-``einsum('or,rihw->oihw')``). The base is read one tensor at a time; only LoRA targets are recomputed.
+``einsum('or,rihw->oihw')``). lycoris_merge.merge_adapters applies it, and the other types, tensor by tensor.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 
 from ..errors import WeightsError
 from .ldm_keys import TEXT_MODEL_PREFIX, KeyMap, component_of
-from .lora_formats import LoraFile
 from .lora_keys import canonical_text_encoder_path
 from .sources import TensorSource
 
@@ -55,46 +54,6 @@ def target_key(part: str, module: str, unet_map: KeyMap) -> str:
     if diffusers_key not in unet_map.to_single:
         raise MergeError(f"LoRA UNet module {module!r} is not a weight of this checkpoint's UNet")
     return unet_map.to_single[diffusers_key]
-
-
-Update = tuple[torch.Tensor, torch.Tensor, float]
-
-
-def collect_updates(loras: Sequence[tuple[LoraFile, float]], unet_map: KeyMap) -> dict[str, list[Update]]:
-    """``{canonical key: [(down, up, user_scale * alpha / rank), ...]}`` over all LoRAs."""
-    updates: dict[str, list[Update]] = {}
-    for lora, user_scale in loras:
-        for part in ("unet", "text_encoder"):
-            for module, (down, up) in lora.modules(part).items():
-                key = target_key(part, module, unet_map)
-                updates.setdefault(key, []).append((down, up, user_scale * lora.scale(module)))
-    if not updates:
-        raise MergeError("the LoRAs hold no modules to merge")
-    return updates
-
-
-def merge_loras(
-    base: TensorSource,
-    loras: Sequence[tuple[LoraFile, float]],
-    unet_map: KeyMap,
-    dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
-    """The base's tensors with every LoRA update added (fp32 math, cast to ``dtype`` or the base's)."""
-    updates = collect_updates(loras, unet_map)
-    missing = [k for k in updates if k not in base]
-    if missing:
-        raise MergeError(f"LoRA targets key {missing[0]!r}, which the base checkpoint {base.name} does not have")
-    out: dict[str, torch.Tensor] = {}
-    for key in base.keys:
-        tensor = base.get(key)
-        target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        if key in updates:
-            weight = tensor.to(torch.float32, copy=True)
-            for down, up, scale in updates[key]:
-                weight.add_(lora_delta(down, up, tuple(weight.shape), key), alpha=scale)
-            tensor = weight
-        out[key] = tensor.to(target)
-    return out
 
 
 def text_encoder_module_names(base: TensorSource) -> list[str]:

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import WeightsError
 from ..models.pipeline import build_pipeline, resolve_scheduler
 from .diffusers_folder import SD1_CONFIG_DIR, load_clip_tokenizer, read_config
 from .ldm_keys import (
