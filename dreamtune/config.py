@@ -75,6 +75,19 @@ class ValidationConfig(Section):
     compare_with_base: bool = Field(
         False, description="Also render the prompts before training (step 0) and write samples/base-vs-trained.png.",
     )
+    loss_every: int = Field(
+        0, ge=0, description="Held-out loss every N steps (and before training and at the end); 0 turns it off.",
+    )
+    instance_dir: str | None = Field(
+        None, description="Held-out images (and captions) for validation.loss_every, never trained on.",
+    )
+
+    @model_validator(mode="after")
+    def _held_out(self) -> "ValidationConfig":
+        if self.loss_every and not self.instance_dir:
+            raise ValueError("validation.loss_every needs validation.instance_dir: a folder of held-out images "
+                             "(with captions, like data.instance_dir) the run never trains on")
+        return self
 
 
 class LoggingConfig(Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -56,7 +57,8 @@ def family_moved(run: Path, model_dir: Path) -> float:
 # trainer -> (recipe, overrides for both runs, how far training moved the exported weights)
 CASES = {
     "lora": ("tiny_lora.yaml", ["lora.train_text_encoder=true", "train.gradient_accumulation=2",
-                                      "train.lr_warmup_steps=0"], lora_moved),
+                                "train.lr_warmup_steps=0", "validation.loss_every=2",
+                                f"validation.instance_dir={REPO_ROOT / 'examples' / 'sks_toy'}"], lora_moved),
     "dreambooth": (
         "tiny_dreambooth.yaml",
         ["dreambooth.num_class_images=2", "dreambooth.class_generation_steps=2", "dreambooth.text_encoder_steps=2",
@@ -150,6 +152,13 @@ def test_two_processes_match_one_process_at_the_same_global_batch(trainer, tiny_
     # Logged at global steps 1..4; loss terms averaged over both processes' samples, the same grad norm and lr.
     two_logged, one_logged = logged(two), logged(one)
     assert {"loss", "grad_norm"} <= two_logged.keys() and two_logged.keys() == one_logged.keys()
+    held_out = {run: [json.loads(line) for line in (run / "logs" / "validation_loss.jsonl").read_text().splitlines()]
+                for run in (two, one) if (run / "logs" / "validation_loss.jsonl").is_file()}
+    if held_out:  # the same weights (the base, at step 0) give the same held-out loss bit for bit
+        assert [r["step"] for r in held_out[two]] == [r["step"] for r in held_out[one]] == [0, 2, 4]
+        assert held_out[two][0]["val_loss"] == held_out[one][0]["val_loss"]
+        assert [r["val_loss"] for r in held_out[two]] == pytest.approx([r["val_loss"] for r in held_out[one]], rel=1e-5)
+        assert [step for step, _ in two_logged.pop("val_loss")] == [0, 2, 4] and one_logged.pop("val_loss")
     for tag, series in two_logged.items():
         assert [step for step, _ in series] == [1, 2, 3, 4], tag
         assert [v for _, v in series] == pytest.approx([v for _, v in one_logged[tag]], rel=1e-5), tag

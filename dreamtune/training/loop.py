@@ -37,6 +37,7 @@ from .ownership import RunOwnership
 from .progress import Eta, flat_config, log_images, run_scalars, run_summary, step_scalars
 from .run_folder import RunFolder
 from .step import step_context
+from .validation_loss import ValidationLoss
 
 
 class TrainingDiverged(DreamtuneError, RuntimeError):
@@ -64,6 +65,7 @@ class RunResult:
     interrupted: bool = False
     last_loss: float = float("nan")
     ui_file: Path | None = None  # the exported file to give a UI
+    validation_losses: dict[int, float] = field(default_factory=dict)  # step -> held-out loss
 
 
 class Trainer:
@@ -89,6 +91,7 @@ class Trainer:
         cfg = self.cfg
         # Data first: a broken folder fails before a multi-gigabyte model loads.
         self.dataset = build_dataset(cfg.data, seed=cfg.train.seed)
+        self.validation_loss = ValidationLoss(self) if cfg.validation.loss_every else None
         self.accelerator = acc = make_accelerator(cfg, self.run_folder)
         self.ownership.check()  # every process, before the model loads: writable, unlocked, this run's folder
         acc.wait_for_everyone()
@@ -138,9 +141,10 @@ class Trainer:
         self.text_cache = text_cache(
             cfg.data, lambda captions: self.method.encode_text(self.models.text_encoder, self._input_ids(captions)),
             self.loader)
-        if cfg.data.cache_latents != "none" and not cfg.validation.prompts:
+        validating = cfg.validation.prompts or cfg.validation.loss_every
+        if cfg.data.cache_latents != "none" and not validating:
             self.models.vae.to("cpu")  # every latent is cached; only validation would need it again
-        if self.text_cache is not None and not cfg.validation.prompts:
+        if self.text_cache is not None and not validating:
             self.models.text_encoder.to("cpu")  # likewise every caption's embedding
         names = list(trained)
         prepared = acc.prepare(*[trained[n] for n in names], optimizer, lr_scheduler)
@@ -241,6 +245,20 @@ class Trainer:
         with torch.no_grad():
             return self.method.encode_text(bare, self._input_ids(captions))
 
+    def per_sample_losses(self, unet, moments: torch.Tensor, hidden: torch.Tensor, generators) -> torch.Tensor:
+        """The objective per sample: latents drawn from ``moments``, noised, predicted, compared (min-SNR weighted)."""
+        m, t = self.models, self.cfg.train
+        latents = sample_latents(moments, generators)
+        noise = sample_noise(latents, t.noise_offset, generators)
+        timesteps = sample_timesteps(m.noise_scheduler, generators, latents.device)
+        noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
+        pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+        losses = per_sample_mse(pred, prediction_target(m.noise_scheduler, latents, noise, timesteps))
+        if t.snr_gamma:
+            # Weights per sample, before any method splits the batch (e.g. instance vs prior).
+            losses = losses * min_snr_weights(m.noise_scheduler, timesteps, t.snr_gamma)
+        return losses
+
     def _train_step(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict]:
         """One forward/backward on a micro-batch; returns the loss and scalars to log."""
         m = self.models
@@ -257,17 +275,8 @@ class Trainer:
             pixels = batch["pixel_values"].to(acc.device, dtype=self.weight_dtype)
             with torch.no_grad():
                 moments = latent_moments(m.vae, pixels)
-        latents = sample_latents(moments, generators)
-        noise = sample_noise(latents, self.cfg.train.noise_offset, generators)
-        timesteps = sample_timesteps(m.noise_scheduler, generators, latents.device)
-        noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = self._encode_text(captions)
-        pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
-        target = prediction_target(m.noise_scheduler, latents, noise, timesteps)
-        losses = per_sample_mse(pred, target)
-        if self.cfg.train.snr_gamma:
-            # Weights per sample, before any method splits the batch (e.g. instance vs prior).
-            losses = losses * min_snr_weights(m.noise_scheduler, timesteps, self.cfg.train.snr_gamma)
+        losses = self.per_sample_losses(unet, moments, hidden, generators)
         loss, scalars = self.method.loss(losses, ctx)
         return loss, {"loss": loss.detach().item(), **scalars}
 
@@ -313,6 +322,8 @@ class Trainer:
                 init_kwargs={"wandb": {"dir": str(self.run_folder.logs), "name": cfg.output.name}},
             )
             print(run_summary(cfg, acc, self.params, self.models, self.dataset, steps_per_epoch, self.output_dir))
+        if self.validation_loss is not None and resume_from is None:
+            self.validation_loss(0)  # the base's loss, where the curve starts
 
         from tqdm.auto import tqdm
 
@@ -366,6 +377,8 @@ class Trainer:
                 if cfg.train.save_every and global_step % cfg.train.save_every == 0 and not done:
                     if saved := saving.checkpoint_or_warn(self, global_step, epoch, batches_in_epoch):
                         result.checkpoints.append(saved)
+                if self.validation_loss is not None and global_step % cfg.validation.loss_every == 0 and not done:
+                    self.validation_loss(global_step)
                 if cfg.validation.every and global_step % cfg.validation.every == 0 and not done:
                     began = time.perf_counter()
                     self._safe_point = (global_step, epoch, batches_in_epoch)
@@ -383,6 +396,9 @@ class Trainer:
         if stopping and global_step < cfg.train.max_steps:
             return self._stopped(result, global_step, epoch, batches_in_epoch)
         self._safe_point = (global_step, epoch, batches_in_epoch)
+        if self.validation_loss is not None:
+            self.validation_loss(global_step)
+            result.validation_losses = dict(self.validation_loss.values)
         if path := self.validate(global_step):
             result.samples.append(path)
             result.samples += self._compare_with_base(path, global_step)
