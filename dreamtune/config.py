@@ -104,6 +104,14 @@ class ExportConfig(Section):
         "(the Pokemon recipe's style strength); a single number is accepted.",
     )
 
+    every_save: bool = Field(
+        False, description="Also write the method's export files into each checkpoint (checkpoints/step-N/export/), "
+        "so any saved step can be used without resuming; rotated with the checkpoints.",
+    )
+    every_save_full_model: bool = Field(
+        False, description="Allow every_save for methods that export a whole model (GBs per save at SD 1.5 size).",
+    )
+
     @field_validator("blend_alpha", mode="before")
     @classmethod
     def _one_or_many(cls, value):
@@ -181,6 +189,11 @@ class RunConfig(Section):
             raise ValueError(
                 f"export.blend_alpha blends a full fine-tune with its base and applies to trainer: {', '.join(full)}; "
                 "for an adapter or embedding, lower its strength where it is loaded instead"
+            )
+        if self.export.every_save and section.exports_full_model and not self.export.every_save_full_model:
+            raise ValueError(
+                f"export.every_save with trainer: {self.trainer} writes a whole model (GBs at SD 1.5 size) into every "
+                "checkpoint; set export.every_save_full_model=true to accept that, or export.every_save=false"
             )
         section.check_run(self)
         self._check_text_cache(section)

@@ -57,6 +57,8 @@ def save_checkpoint(trainer, step: int, epoch: int, batches_in_epoch: int, folde
             if acc.is_main_process:
                 tensors = {n: trainer.method.trainable_state_dict(n, m) for n, m in trainer.unwrapped().items()}
                 ckpt.save_trainable(tensors, tmp)
+                if trainer.cfg.export.every_save:
+                    export_into(trainer, RunFolder(tmp / EXPORT_SUBFOLDER), step)
                 ckpt.write_state(tmp, {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                                        "fingerprint": trainer.ownership.fingerprint})
                 if final.exists():
@@ -119,6 +121,18 @@ def checkpoint_on_stop(trainer, step: int, epoch: int, batches_in_epoch: int) ->
         return saved
 
 
+#: Where export.every_save puts a checkpoint's export files (final/, diffusers/, variants/ inside it).
+EXPORT_SUBFOLDER = "export"
+
+
+def export_into(trainer, out: RunFolder, step: int) -> list[Path]:
+    """The method's export files of the weights in memory, written into ``out`` (main process)."""
+    exporter = trainer.method.exporter_class(trainer.cfg, trainer.method)
+    modules = trainer.unwrapped()
+    with trainer.method.weights("export", modules):
+        return exporter.write(out, modules, step)
+
+
 #: The export folders of a run, published together once every file of the export is written.
 EXPORT_FOLDERS = ("final", "diffusers", "variants")
 
@@ -147,13 +161,11 @@ def export_final(trainer, step: int, epoch: int, batches_in_epoch: int) -> tuple
     ui_file = None
     if acc.is_main_process:
         exporter = trainer.method.exporter_class(trainer.cfg, trainer.method)
-        modules = trainer.unwrapped()
         staging = None
         try:
             run.root.mkdir(parents=True, exist_ok=True)
             staging = RunFolder(tempfile.mkdtemp(prefix=".export-", suffix=".tmp", dir=run.root))
-            with trainer.method.weights("export", modules):
-                staged = exporter.write(staging, modules, step)
+            staged = export_into(trainer, staging, step)
             publish(staging, run)
             exported = [run.root / Path(p).relative_to(staging.root) for p in staged]
             ui_file = exporter.ui_file(exported)
