@@ -81,12 +81,18 @@ class ValidationConfig(Section):
     instance_dir: str | None = Field(
         None, description="Held-out images (and captions) for validation.loss_every, never trained on.",
     )
+    keep_best: int = Field(
+        0, ge=0, description="Also keep the N checkpoints with the lowest held-out loss through rotation.",
+    )
 
     @model_validator(mode="after")
     def _held_out(self) -> "ValidationConfig":
         if self.loss_every and not self.instance_dir:
             raise ValueError("validation.loss_every needs validation.instance_dir: a folder of held-out images "
                              "(with captions, like data.instance_dir) the run never trains on")
+        if self.keep_best and not self.loss_every:
+            raise ValueError("validation.keep_best ranks checkpoints by held-out loss: set validation.loss_every "
+                             "and validation.instance_dir too")
         return self
 
 
@@ -195,6 +201,10 @@ class RunConfig(Section):
                 f"export.every_save with trainer: {self.trainer} writes a whole model (GBs at SD 1.5 size) into every "
                 "checkpoint; set export.every_save_full_model=true to accept that, or export.every_save=false"
             )
+        v, t = self.validation, self.train
+        if v.keep_best and (not t.save_every or t.save_every % v.loss_every):
+            raise ValueError(f"validation.keep_best needs a held-out loss at every checkpoint: make train.save_every "
+                             f"({t.save_every}) a multiple of validation.loss_every ({v.loss_every})")
         section.check_run(self)
         self._check_text_cache(section)
         if self.output.overwrite and self.train.resume is not None:

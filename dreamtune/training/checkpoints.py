@@ -60,16 +60,19 @@ def check_free_disk(folder: Path, needed: int) -> None:
         )
 
 
-def rotate(checkpoints_dir: Path, keep: int | None, fingerprint: str | None = None) -> None:
-    """Delete this run's (``fingerprint``'s) oldest complete checkpoints beyond ``keep``, and stale half-written
-    ones; another run's checkpoints are never touched."""
+def rotate(checkpoints_dir: Path, keep: int | None, fingerprint: str | None = None, keep_best: int = 0) -> None:
+    """Delete this run's (``fingerprint``'s) oldest complete checkpoints beyond ``keep`` (sparing the ``keep_best``
+    with the lowest held-out loss), and stale half-written ones; another run's checkpoints are never touched."""
     for stale in checkpoints_dir.glob("step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep is None:
         return
     found = own_checkpoints(checkpoints_dir, fingerprint) if fingerprint else list_checkpoints(checkpoints_dir)
+    scored = [(read_state(p)["val_loss"], p) for p in found if read_state(p).get("val_loss") is not None]
+    best = {p for _, p in sorted(scored, key=lambda item: item[0])[:keep_best]}
     for old in found[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in best:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_trainable(tensors: dict[str, dict], folder: Path) -> None:

@@ -374,11 +374,11 @@ class Trainer:
                     rate = (global_step - first_step) / max(time.perf_counter() - started, 1e-9)
                     acc.log({**scalars, **run_scalars(cfg.train, self.optimizer, acc.num_processes, rate)}, step=global_step)
                 done = global_step >= cfg.train.max_steps
+                if self.validation_loss is not None and global_step % cfg.validation.loss_every == 0 and not done:
+                    self.validation_loss(global_step)  # before the checkpoint, which records it
                 if cfg.train.save_every and global_step % cfg.train.save_every == 0 and not done:
                     if saved := saving.checkpoint_or_warn(self, global_step, epoch, batches_in_epoch):
                         result.checkpoints.append(saved)
-                if self.validation_loss is not None and global_step % cfg.validation.loss_every == 0 and not done:
-                    self.validation_loss(global_step)
                 if cfg.validation.every and global_step % cfg.validation.every == 0 and not done:
                     began = time.perf_counter()
                     self._safe_point = (global_step, epoch, batches_in_epoch)

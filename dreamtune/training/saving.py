@@ -59,14 +59,18 @@ def save_checkpoint(trainer, step: int, epoch: int, batches_in_epoch: int, folde
                 ckpt.save_trainable(tensors, tmp)
                 if trainer.cfg.export.every_save:
                     export_into(trainer, RunFolder(tmp / EXPORT_SUBFOLDER), step)
-                ckpt.write_state(tmp, {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                                       "fingerprint": trainer.ownership.fingerprint})
+                state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                         "fingerprint": trainer.ownership.fingerprint}
+                held_out = getattr(trainer, "validation_loss", None)
+                if held_out is not None and step in held_out.values:
+                    state["val_loss"] = held_out.values[step]
+                ckpt.write_state(tmp, state)
                 if final.exists():
                     shutil.rmtree(final)
                 tmp.rename(final)
                 if folder is None:
                     ckpt.rotate(run.checkpoints, trainer.cfg.train.checkpoints_total_limit,
-                                trainer.ownership.fingerprint)
+                                trainer.ownership.fingerprint, trainer.cfg.validation.keep_best)
         except OSError:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
