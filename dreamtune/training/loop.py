@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,7 +10,6 @@ import torch
 from ..config import RunConfig
 from ..data.dataset import build_dataset
 from ..data.loader import build_train_loader
-from ..errors import DreamtuneError
 from ..models.dtypes import dtype_of
 from ..models.loading import load_base_model
 from ..models.pipeline import build_pipeline, inference_scheduler
@@ -37,35 +35,8 @@ from .ownership import RunOwnership
 from .progress import Eta, flat_config, log_images, run_scalars, run_summary, step_scalars
 from .run_folder import RunFolder
 from .step import step_context
+from .outcome import RunResult, TrainingDiverged, diverged_message
 from .validation_loss import ValidationLoss
-
-
-class TrainingDiverged(DreamtuneError, RuntimeError):
-    """The loss became NaN/inf; nothing is exported from a diverged run."""
-
-    exit_code = 1
-
-
-def _diverged(what: str, step: int, checkpoints_dir: Path) -> str:
-    return (
-        f"{what} at step {step}; nothing was exported. The last good checkpoint is kept in {checkpoints_dir}. "
-        "Try a lower train.learning_rate, train.mixed_precision=bf16 or no, or an fp32 VAE."
-    )
-
-
-@dataclass
-class RunResult:
-    """Where a finished (or interrupted) run left its files."""
-
-    output_dir: Path
-    global_step: int
-    exported: list[Path] = field(default_factory=list)
-    samples: list[Path] = field(default_factory=list)
-    checkpoints: list[Path] = field(default_factory=list)
-    interrupted: bool = False
-    last_loss: float = float("nan")
-    ui_file: Path | None = None  # the exported file to give a UI
-    validation_losses: dict[int, float] = field(default_factory=dict)  # step -> held-out loss
 
 
 class Trainer:
@@ -180,7 +151,7 @@ class Trainer:
     def _check_finite_weights(self, step: int) -> None:
         """A finite loss can still end in an inf update: never checkpoint or export NaN/inf weights."""
         if not torch.stack([torch.isfinite(p).all() for p in self.params]).all():
-            raise TrainingDiverged(_diverged("the trained weights became NaN/inf", step, self.checkpoints_dir))
+            raise TrainingDiverged(diverged_message("the trained weights became NaN/inf", step, self.checkpoints_dir))
 
     # -- state ----------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, epoch: int, batches_in_epoch: int) -> Path:
@@ -346,7 +317,7 @@ class Trainer:
                 with acc.accumulate(*self.trained.values()):
                     loss, scalars = self._train_step(batch, micro_step)
                     if not torch.isfinite(loss):
-                        raise TrainingDiverged(_diverged(f"loss became {loss.item()}", global_step + 1,
+                        raise TrainingDiverged(diverged_message(f"loss became {loss.item()}", global_step + 1,
                                                          self.checkpoints_dir))
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.train.max_grad_norm > 0:
