@@ -29,7 +29,7 @@ def _is_lycoris(path: Path) -> bool:
 def load_extras(pipe, loras: list[str], embeddings: list[str], default_scale: float) -> list[str]:
     """Load each LoRA (``FILE[:WEIGHT]``) and embedding (``FILE[:TOKEN]``) into ``pipe``; return what was loaded."""
     from ..errors import DreamtuneError
-    from ..weights.safetensors_io import load_safetensors
+    from ..weights.safetensors_io import read_safetensors_header
 
     names, weights, loaded = [], [], []
     for i, text in enumerate(loras):
@@ -58,7 +58,7 @@ def load_extras(pipe, loras: list[str], embeddings: list[str], default_scale: fl
         path, token = _with_value(text)
         if not path.is_file():
             raise DreamtuneError(f"--embedding: {path} is not a file")
-        if token is None and "emb_params" in load_safetensors(path)[0]:
+        if token is None and "emb_params" in read_safetensors_header(path):
             token = path.stem  # an A1111 embedding: its file name is the word to type
         pipe.load_textual_inversion(str(path), token=token)
         loaded.append(f"embedding {token or path.name}")

@@ -68,8 +68,10 @@ def rotate(checkpoints_dir: Path, keep: int | None, fingerprint: str | None = No
     if keep is None:
         return
     found = own_checkpoints(checkpoints_dir, fingerprint) if fingerprint else list_checkpoints(checkpoints_dir)
-    scored = [(read_state(p)["val_loss"], p) for p in found if read_state(p).get("val_loss") is not None]
-    best = {p for _, p in sorted(scored, key=lambda item: item[0])[:keep_best]}
+    best: set[Path] = set()
+    if keep_best:
+        losses = {p: read_state(p).get("val_loss") for p in found}
+        best = set(sorted((p for p, loss in losses.items() if loss is not None), key=losses.get)[:keep_best])
     for old in found[:-keep]:
         if old not in best:
             shutil.rmtree(old, ignore_errors=True)
