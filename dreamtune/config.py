@@ -56,6 +56,10 @@ class TrainConfig(Section):
     save_every: int = Field(500, ge=0, description="Checkpoint cadence in steps; 0 saves none mid-run.")
     checkpoints_total_limit: int | None = Field(3, ge=1)
     resume: str | None = Field(None, description="null, 'auto' (latest checkpoint) or a checkpoint folder.")
+    initial_step: int = Field(
+        0, ge=0, description="Start as if N steps were done (data order, noise, lr schedule): continue from an "
+        "exported file (lora.init_from / textual_inversion.init_from) where a checkpoint is not at hand.",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

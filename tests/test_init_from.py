@@ -91,3 +91,34 @@ def test_textual_inversion_starts_from_the_exported_vectors(tiny_model_dir, tmp_
     with pytest.raises(ConfigError, match=r"holds 2 vectors .* set textual_inversion.num_vectors=2"):
         train(tiny_run_config("tiny_ti.yaml", tiny_model_dir, tmp_path / "c", *FAST, "textual_inversion.num_vectors=3",
                               f"textual_inversion.init_from={run / 'diffusers' / 'learned_embeds.safetensors'}"))
+
+
+def test_continuing_from_a_saved_steps_file_sees_what_a_resume_sees(tiny_model_dir, tmp_path):
+    """lora.init_from + train.initial_step=N: step N+1 meets the same batch, noise, timesteps, weights and
+    learning rate as a resume from checkpoint N, so its loss matches (a file holds no optimizer state, so the
+    update after it may differ)."""
+    common = ("train.learning_rate=1e-2", "validation.prompts=[]", "lora.train_text_encoder=true",
+              "train.lr_scheduler=linear", "data.random_flip=true")
+    straight = Trainer(tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path / "straight", *common,
+                                       "train.max_steps=3", "train.save_every=2", "export.every_save=true"))
+    expected = straight.run()
+    saved = tmp_path / "straight" / "checkpoints" / "step-000002" / "export" / "diffusers" / "pytorch_lora_weights.safetensors"
+    assert saved.is_file()
+
+    continued = Trainer(tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path / "continued", *common,
+                                        "train.max_steps=3", "train.save_every=0", f"lora.init_from={saved}",
+                                        "train.initial_step=2"))
+    result = continued.run()
+    assert result.global_step == 3
+    torch.testing.assert_close(result.last_loss, expected.last_loss, rtol=1e-5, atol=1e-7)
+    assert continued.lr_scheduler.get_last_lr() == straight.lr_scheduler.get_last_lr()
+
+    fresh = train(tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path / "fresh", *common, "train.max_steps=1",
+                                  "train.save_every=0", f"lora.init_from={saved}"))
+    assert abs(fresh.last_loss - expected.last_loss) > 1e-4  # step 1's batch and noise: initial_step is what matched
+
+
+def test_initial_step_past_the_end_is_refused(tiny_model_dir, tmp_path):
+    cfg = tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path, *FAST, "train.initial_step=3")
+    with pytest.raises(ConfigError, match=r"train.initial_step=3 leaves nothing to train.*train.max_steps"):
+        train(cfg)

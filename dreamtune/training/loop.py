@@ -30,6 +30,7 @@ from .objective import (
 from .caches import latent_encoder, text_cache
 from .launch import make_accelerator, refuse_impossible_launch
 from .optim import build_lr_scheduler, build_optimizer
+from .initial_step import start_at
 from .interrupts import ForcedStop, RunStopped, StopFlag, any_process, forced_stop_message
 from .ownership import RunOwnership
 from .progress import Eta, flat_config, log_images, run_scalars, run_summary, step_scalars
@@ -283,6 +284,8 @@ class Trainer:
             state = self.load_checkpoint(resume_from)
             global_step, epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
             acc.print(f"resumed from {resume_from} at step {global_step}")
+        elif cfg.train.initial_step:
+            global_step, epoch, skip_batches = start_at(self, cfg.train.initial_step)
         elif cfg.validation.compare_with_base:
             self.validate(0)  # the untouched base, for samples/base-vs-trained.png
         batches_in_epoch = skip_batches
@@ -294,7 +297,7 @@ class Trainer:
             )
             print(run_summary(cfg, acc, self.params, self.models, self.dataset, steps_per_epoch, self.output_dir))
         if self.validation_loss is not None and resume_from is None:
-            self.validation_loss(0)  # the base's loss, where the curve starts
+            self.validation_loss(global_step)  # where the curve starts: the base, or the file it continues
 
         from tqdm.auto import tqdm
 
