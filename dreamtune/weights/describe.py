@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import WeightsError
+from .embeddings import CLIP_L_KEY, is_bundle_key
 from .diffusers_folder import (COMPONENT_FILES, HUB_TEXT_ENCODER_PREFIX, find_component_file,
                                require_diffusers_folder)
 from .ldm_keys import component_of
@@ -60,6 +61,8 @@ def classify(header: Header) -> tuple[str, str]:
     layout = lora_layout(keys)
     if layout != "unknown":
         return "lora", layout
+    if keys == [CLIP_L_KEY]:
+        return "textual-inversion", "clip_l"
     if len(keys) == 1 and len(header[keys[0]][0]) in (1, 2):
         return "textual-inversion", "a1111" if keys[0] == "emb_params" else "diffusers"
     if {"clip_l", "clip_g"} & set(keys):
@@ -154,7 +157,10 @@ def describe_file(path: PathLike, allow_pickle: bool = False) -> dict[str, Any]:
         "dtypes": _dtype_counts(header), "metadata": metadata,
     }
     if kind == "lora":
-        info.update(describe_adapter(header, read) or _lora_details(header, layout, metadata, read))
+        adapter = {k: v for k, v in header.items() if not is_bundle_key(k)}
+        info.update(describe_adapter(adapter, read) or _lora_details(adapter, layout, metadata, read))
+        if bundled := {k.split(".")[1]: v[0][0] for k, v in header.items() if is_bundle_key(k)}:
+            info["bundled_embeddings"] = bundled  # the word to type -> its vectors
     elif kind == "textual-inversion" and layout in ("a1111", "diffusers"):
         key, (shape, _) = next(iter(header.items()))
         info.update({"vectors": shape[0] if len(shape) == 2 else 1, "dim": shape[-1],

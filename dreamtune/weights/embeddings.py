@@ -5,6 +5,10 @@
   name as the trigger, diffusers needs ``load_textual_inversion(path, token=...)``.
 * A1111 legacy ``.pt`` (pickle): ``{"string_to_token": {"*": 265}, "string_to_param": {"*": tensor},
   "name": ..., "step": ...}``; diffusers reads ``name`` as the token.
+* diffusers' advanced DreamBooth-LoRA script (pivotal tuning, SD 1.5): ``{"clip_l": Tensor[n, hidden]}``,
+  one vector per new word (``<s0>``, ``<s1>``, ...), loaded with ``load_textual_inversion(sd["clip_l"], token=[...])``.
+* bundled in a kohya LoRA file (A1111 loads it with the LoRA): ``bundle_emb.<name>.string_to_param.*``,
+  beside the LoRA keys; ``<name>`` is the word to type (A1111 splits the key at dots).
 
 All three hold ``[n_vectors, hidden]`` (768 for SD 1.x); we write float32 unless told otherwise.
 """
@@ -29,6 +33,9 @@ from .safetensors_io import (
 )
 
 A1111_KEY = "emb_params"
+#: The advanced script's key for SD 1.x's one text encoder (CLIP ViT-L).
+CLIP_L_KEY = "clip_l"
+BUNDLE_PREFIX = "bundle_emb."
 #: The CLIP token id A1111 writes in ``string_to_token`` ('*'); A1111 itself ignores it.
 A1111_STAR_TOKEN_ID = 265
 TI_ARCHITECTURE = "stable-diffusion-v1/textual-inversion"
@@ -82,6 +89,39 @@ def save_a1111_embedding(
     return save_safetensors({A1111_KEY: _as_vectors(vectors, dtype)}, path, header)
 
 
+def save_clip_l_embedding(
+    path: PathLike, vectors: torch.Tensor, metadata: Mapping[str, Any] | None = None, *,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the advanced script's ``{"clip_l": Tensor[n, hidden]}`` (``<name>_emb.safetensors``)."""
+    return save_safetensors({CLIP_L_KEY: _as_vectors(vectors, dtype)}, path, metadata)
+
+
+def bundle_tensors(name: str, vectors: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """``{"bundle_emb.<name>.string_to_param.*": vectors}``: the embedding keys kohya puts in a LoRA file."""
+    if not name or "." in name:
+        raise WeightsError(f"bundled embedding name {name!r}: A1111 splits bundle keys at dots; use a name without")
+    return {f"{BUNDLE_PREFIX}{name}.string_to_param.*": _as_vectors(vectors, dtype)}
+
+
+def is_bundle_key(key: str) -> bool:
+    return key.startswith(BUNDLE_PREFIX)
+
+
+def bundled_embeddings(tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype = torch.float32
+                       ) -> dict[str, torch.Tensor]:
+    """``{name: vectors}`` of the embeddings bundled in a LoRA file, read as A1111 reads them
+    (``string_to_param.<any>`` or ``emb_params`` under ``bundle_emb.<name>.``)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if not is_bundle_key(key):
+            continue
+        name, _, part = key[len(BUNDLE_PREFIX):].partition(".")
+        if part.split(".")[0] in ("string_to_param", A1111_KEY):
+            out[name] = _as_vectors(tensor, dtype)
+    return out
+
+
 def save_a1111_pt(
     path: PathLike,
     vectors: torch.Tensor,
@@ -105,7 +145,8 @@ def save_a1111_pt(
 def load_embedding(
     path: PathLike, allow_pickle: bool = False, *, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, str | None]:
-    """Read any of the three formats -> ``(vectors[n, hidden], token)``; token is None for ``emb_params``."""
+    """Read any of the formats above but a bundle -> ``(vectors[n, hidden], token)``; token is None for
+    ``emb_params`` and ``clip_l``."""
     if is_pickle_path(path):
         return _from_pickle(load_pickle(path, allow_pickle=allow_pickle), Path(path), dtype)
     tensors, _ = load_safetensors(path)
@@ -118,6 +159,8 @@ def _from_tensor_dict(
     """``{"emb_params": t}`` -> (t, None); ``{token: t}`` -> (t, token); anything else raises."""
     if A1111_KEY in tensors and len(tensors) == 1:
         return _as_vectors(tensors[A1111_KEY], dtype), None
+    if set(tensors) == {CLIP_L_KEY}:  # the advanced script's SD 1.5 file: the words are not stored
+        return _as_vectors(tensors[CLIP_L_KEY], dtype), None
     if {"clip_l", "clip_g"} & set(tensors):
         raise WeightsError(f"{path} is an SDXL embedding (clip_l/clip_g); dreamtune handles SD 1.x only")
     if len(tensors) != 1:

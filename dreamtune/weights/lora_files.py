@@ -38,6 +38,7 @@ from .lora_keys import (
     module_resolver,
     split_kohya_prefix,
 )
+from .embeddings import is_bundle_key
 from .safetensors_io import PathLike, load_safetensors, save_safetensors
 from .sources import cast_state
 
@@ -107,7 +108,10 @@ def _add_peft_module(
 
 
 def lora_layout(keys: Sequence[str]) -> str:
-    """``kohya``, ``diffusers`` (``unet.``/``text_encoder.`` prefixed PEFT keys), ``peft`` or ``unknown``."""
+    """``kohya``, ``diffusers`` (``unet.``/``text_encoder.`` prefixed PEFT keys), ``peft`` or ``unknown``.
+
+    Embeddings bundled into a kohya file (``bundle_emb.*``) do not change its layout."""
+    keys = [k for k in keys if not is_bundle_key(k)]
     if keys and all(k.startswith((KOHYA_UNET_PREFIX, *KOHYA_TEXT_ENCODER_INPUT_PREFIXES, "lora_te2_")) for k in keys):
         return "kohya"
     lora_keys = [k for k in keys if ".lora_A." in k or ".lora_B." in k]
@@ -151,6 +155,7 @@ def read_lora(
     tensors, metadata = load_safetensors(path, allow_pickle=allow_pickle)
     layout = lora_layout(list(tensors))
     if layout == "kohya":
+        tensors = {k: v for k, v in tensors.items() if not is_bundle_key(k)}
         lora = kohya_to_peft(tensors, unet_module_names=unet_module_names,
                              text_encoder_module_names=text_encoder_module_names)
         lora.metadata = metadata

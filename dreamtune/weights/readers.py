@@ -55,11 +55,25 @@ def lora_readers(layout: str, header: Header) -> dict[str, str]:
     return {}
 
 
+def bundled_readers(names: list[str]) -> dict[str, str]:
+    """A kohya file with embeddings bundled in (``bundle_emb.<name>.*``, pivotal tuning): A1111 loads both."""
+    words = ", ".join(names)
+    return {
+        DIFFUSERS: "no: load_lora_weights refuses the bundle_emb keys ('Invalid LoRA checkpoint'); load the "
+                   "separate LoRA and embedding files",
+        A1111: f"yes (the LoRA and its bundled embedding; type {words} in the prompt)",
+        COMFYUI: "partly: the LoRA loads; its loader skips the bundle_emb keys ('lora key not loaded'), so load "
+                 "the separate embedding file",
+    }
+
+
 def embedding_readers(layout: str, header: Header) -> dict[str, str]:
     (shape, _), = header.values()
     if layout == "a1111":
         return {DIFFUSERS: "yes (load_textual_inversion with token=)", A1111: "yes", COMFYUI: "yes",
                 INVOKEAI: _width_verdict(shape[-1], "embedding")}
+    if layout == "clip_l":  # diffusers' advanced script for SD 1.5; the words are not stored
+        return {DIFFUSERS: 'yes (load_textual_inversion(state_dict["clip_l"], token=[one word per vector]))'}
     if layout == "diffusers":
         # InvokeAI takes shape[0] of a {token: tensor} file for the width: [n, 768] reads as n wide.
         return {DIFFUSERS: "yes", COMFYUI: "yes (the file name is the word)",
@@ -86,6 +100,8 @@ def folder_readers(hub_text_encoder: bool) -> dict[str, str]:
 def readers(info: dict[str, Any], header: Header | None = None) -> dict[str, str]:
     """Tool -> verdict for what :func:`dreamtune.weights.describe.describe` found."""
     kind, layout = info["kind"], info["layout"]
+    if kind == "lora" and header is not None and info.get("bundled_embeddings"):
+        return bundled_readers(list(info["bundled_embeddings"]))
     if kind == "lora" and header is not None:
         return lora_readers(layout, header)
     if kind == "textual-inversion" and header is not None and len(header) == 1:

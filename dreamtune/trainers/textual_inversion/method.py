@@ -14,10 +14,8 @@ from ...training.method import TrainingMethod
 from ...weights.embeddings import load_embedding
 from ...training.step import StepContext
 from .export import DIFFUSERS_FILE, TextualInversionExporter
+from .rows import ROWS_KEY, NewRows, refuse_known_words
 from .settings import TextualInversionSettings
-
-#: Checkpoint key: the new rows ``[num_vectors, hidden]``.
-ROWS_KEY = "placeholder_rows"
 #: A caption-draw counter some checkpoints hold; templates follow the step context, so it is read and ignored.
 LEGACY_BATCHES_KEY = "caption_batches"
 
@@ -39,29 +37,27 @@ class TextualInversionMethod(TrainingMethod):
         super().__init__(cfg)
         self.placeholder = self.settings.placeholder_token
         self.tokens = placeholder_tokens(self.placeholder, self.settings.num_vectors)
-        self.token_ids: list[int] = []
+        self.rows = NewRows(self.tokens)
         self._expansion = " ".join(self.tokens)
         # The word itself, not the start of one of its own vector names (``<sks>_1``).
         self._pattern = re.compile(re.escape(self.placeholder) + r"(?!_\d)")
-        self._original: torch.Tensor | None = None
-        self._new_rows: torch.Tensor | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.rows.ids
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self, models, accelerator) -> None:
         super().setup(models, accelerator)
         self._check_output_name()
         initializer_id = self._initializer_id(models.tokenizer)
-        self._check_placeholder(models.tokenizer)
-        self.token_ids = self._add_tokens(models.tokenizer, models.text_encoder, initializer_id)
+        refuse_known_words(models.tokenizer, self.tokens, "textual_inversion.placeholder_token")
+        start = models.text_encoder.get_input_embeddings().weight.detach()[initializer_id]
+        self.rows.add(models.tokenizer, models.text_encoder, start.expand(len(self.tokens), -1).clone())
         if self.settings.init_from:
             self._load_rows(models.text_encoder, self.settings.init_from)
         models.text_encoder.requires_grad_(False)
-        weight = models.text_encoder.get_input_embeddings().weight
-        weight.requires_grad_(True)
-        self._original = weight.detach().clone()
-        self._new_rows = torch.zeros(weight.shape[0], dtype=torch.bool)
-        self._new_rows[self.token_ids] = True
-        weight.register_hook(self._mask_gradient)
+        self.rows.train(models.text_encoder)
         if not self.settings.use_templates and accelerator.is_main_process:
             self._announce_captions_without_token()
 
@@ -99,34 +95,6 @@ class TextualInversionMethod(TrainingMethod):
                 "choose a word the tokenizer keeps whole (e.g. dog, toy, painting)"
             )
         return ids[0]
-
-    def _check_placeholder(self, tokenizer) -> None:
-        """The placeholder (and its vector names) must be new words, not tokens the model already knows."""
-        vocab = tokenizer.get_vocab()
-        taken = [t for t in self.tokens if t in vocab]
-        ids = tokenizer.encode(self.placeholder, add_special_tokens=False)
-        if not taken and len(ids) == 1:
-            taken = [f"{self.placeholder} (read as {tokenizer.convert_ids_to_tokens(ids)[0]!r})"]
-        if taken:
-            raise ConfigError(
-                f"textual_inversion.placeholder_token: {', '.join(taken)} already in the tokenizer's vocabulary; "
-                "choose a new word such as '<my-concept>' or 'S*'"
-            )
-
-    def _add_tokens(self, tokenizer, text_encoder: torch.nn.Module, initializer_id: int) -> list[int]:
-        """Add the vector names to the tokenizer and rows to the table, each a copy of the initializer's row."""
-        from transformers import AddedToken
-
-        # normalized=False: matched case-sensitively before CLIP lowercases, so 'S*' stays 'S*' and
-        # diffusers' prompt expansion (which looks tokens up by their spelling) finds every vector.
-        tokenizer.add_tokens([AddedToken(t, normalized=False) for t in self.tokens])
-        ids = tokenizer.convert_tokens_to_ids(self.tokens)
-        if len(tokenizer) > text_encoder.get_input_embeddings().num_embeddings:
-            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        weight = text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[ids] = weight[initializer_id].clone()
-        return ids
 
     def _announce_captions_without_token(self) -> None:
         """One notice, before training, naming how many data captions get the word put in front."""
@@ -170,39 +138,15 @@ class TextualInversionMethod(TrainingMethod):
         assert self.models is not None
         return super().encode_text(text_encoder, input_ids).to(self.models.unet.dtype)
 
-    def _mask_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        """Zero every row's gradient but the new ones: clipping and Adam see only what learns."""
-        keep = self._rows_on(grad.device).unsqueeze(1)
-        return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-
     def after_step(self, step: int) -> None:
         """Put every old row back bitwise: AdamW's weight decay moves rows whose gradient is zero."""
-        weight = self._weight()
-        original = self._original_on(weight)
-        with torch.no_grad():
-            weight.copy_(torch.where(self._rows_on(weight.device).unsqueeze(1), weight, original))
-
-    def _weight(self) -> torch.nn.Parameter:
         assert self.models is not None
-        return self.models.text_encoder.get_input_embeddings().weight
-
-    def _rows_on(self, device: torch.device) -> torch.Tensor:
-        assert self._new_rows is not None
-        if self._new_rows.device != device:
-            self._new_rows = self._new_rows.to(device)
-        return self._new_rows
-
-    def _original_on(self, weight: torch.Tensor) -> torch.Tensor:
-        assert self._original is not None
-        if self._original.device != weight.device or self._original.dtype != weight.dtype:
-            self._original = self._original.to(weight.device, weight.dtype)
-        return self._original
+        self.rows.restore_old_rows(self.models.text_encoder.get_input_embeddings().weight)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def learned_vectors(self, text_encoder: torch.nn.Module) -> torch.Tensor:
         """The new rows, ``[num_vectors, hidden]``, fp32 on the CPU."""
-        weight = text_encoder.get_input_embeddings().weight
-        return weight.detach()[self.token_ids].float().cpu()
+        return self.rows.vectors(text_encoder)
 
     def trainable_state_dict(self, module_name: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Only the new rows, not the whole table."""
@@ -214,12 +158,5 @@ class TextualInversionMethod(TrainingMethod):
         if unknown or ROWS_KEY not in tensors:
             shown = unknown[:3] or sorted(tensors)[:3]
             raise KeyError(f"tensors {shown} are not a textual-inversion checkpoint of {module_name}")
-        weight = module.get_input_embeddings().weight
-        rows = tensors[ROWS_KEY]
-        if tuple(rows.shape) != (len(self.token_ids), weight.shape[1]):
-            raise ConfigError(
-                f"checkpoint rows have shape {tuple(rows.shape)} but this run trains {len(self.token_ids)} x "
-                f"{weight.shape[1]}; resume with the textual_inversion.num_vectors and model it was written with"
-            )
-        with torch.no_grad():
-            weight[self.token_ids] = rows.to(weight.device, weight.dtype)
+        self.rows.load(module, tensors[ROWS_KEY],
+                       "resume with the textual_inversion.num_vectors and model it was written with")
