@@ -6,6 +6,7 @@ base through diffusers' `load_lora_weights` as a user would, and score them with
 prompts and seeds. Prints a table (concept, prompt, base-prompt accuracy, kept energy, file size).
 
     python scripts/bench_extract.py --seeds 0,1,2 --ranks 4,8,16,32 --out runs/bench-extract
+    python scripts/bench_extract.py --seeds 0,1,2 --ranks 16,32,64 --only-trigger --reuse --out runs/bench-extract
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=32, help="images per prompt block (the benchmark's default)")
     parser.add_argument("--out", default="runs/bench-extract")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a tenth of the steps, 4 samples")
+    parser.add_argument("--trigger", action="store_true",
+                        help="also extract with --trigger <the recipe's word> and score it merged with merge-lora")
+    parser.add_argument("--only-trigger", action="store_true", help="score only the --trigger rows (and the fine-tune)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="score the DreamBooth runs already under --out instead of training them again")
     args = parser.parse_args()
 
     import torch
@@ -38,6 +44,12 @@ def main() -> int:
     from dreamtune.weights.lora_rank import RankChoice, extract_lora
     from dreamtune.weights.safetensors_io import save_safetensors
 
+    def cli(argv: list[str]) -> None:
+        from dreamtune.cli import main as dreamtune
+
+        if dreamtune(argv) != 0:
+            raise SystemExit(f"dreamtune {' '.join(argv)} failed")
+
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     judge = load_classifier(bench.CLASSIFIER_DIR)
     samples = 4 if args.quick else args.samples
@@ -48,7 +60,10 @@ def main() -> int:
     for seed in seeds:
         out = Path(args.out) / f"seed-{seed}"
         data = bench.write_concept_folder(out / "data" / "concept")
-        final, seconds, token = bench.train_entry("dreambooth", out, data, None, seed, args.quick, bench.MODEL_DIR)
+        if args.reuse and (out / "dreambooth" / "final").is_dir():
+            final, token = out / "dreambooth" / "final", "sks"
+        else:
+            final, seconds, token = bench.train_entry("dreambooth", out, data, None, seed, args.quick, bench.MODEL_DIR)
         tuned = RunFolder(final.parent).diffusers
 
         def score(pipe) -> dict:
@@ -59,14 +74,26 @@ def main() -> int:
         rows.setdefault("dreambooth (full fine-tune)", []).append(
             {**score(bench.load_export("dreambooth", bench.MODEL_DIR, final)), "bytes": bench.export_size("dreambooth", final)})
         for rank in ranks:
-            with open_checkpoint(bench.MODEL_DIR) as base, open_checkpoint(tuned) as fine:
-                tensors, reports, _ = extract_lora(base, fine, unet_map, RankChoice(rank=rank), text_encoder=True)
-            path = save_safetensors(tensors, out / f"extracted-rank{rank}.safetensors")
-            pipe = bench.load_base(bench.MODEL_DIR)
-            pipe.load_lora_weights(str(path))
-            energy = sum(r.energy for r in reports) / len(reports)
-            rows.setdefault(f"extracted, rank {rank}", []).append(
-                {**score(pipe), "energy": energy, "bytes": Path(path).stat().st_size})
+            if not args.only_trigger:
+                with open_checkpoint(bench.MODEL_DIR) as base, open_checkpoint(tuned) as fine:
+                    tensors, reports, _ = extract_lora(base, fine, unet_map, RankChoice(rank=rank), text_encoder=True)
+                path = save_safetensors(tensors, out / f"extracted-rank{rank}.safetensors")
+                pipe = bench.load_base(bench.MODEL_DIR)
+                pipe.load_lora_weights(str(path))
+                energy = sum(r.energy for r in reports) / len(reports)
+                rows.setdefault(f"extracted, rank {rank}", []).append(
+                    {**score(pipe), "energy": energy, "bytes": Path(path).stat().st_size})
+            if args.trigger or args.only_trigger:
+                path, merged = out / f"extracted-rank{rank}-trigger.safetensors", out / f"merged-rank{rank}-trigger"
+                report = out / f"extracted-rank{rank}-trigger.json"
+                cli(["extract-lora", str(bench.MODEL_DIR), str(tuned), "--out", str(path), "--rank", str(rank),
+                     "--text-encoder", "--trigger", token, "--report", str(report), "--no-hash"])
+                cli(["merge-lora", str(bench.MODEL_DIR), "--lora", str(path), "--out", str(merged),
+                     "--format", "diffusers", "--no-hash"])
+                modules = json.loads(report.read_text())["modules"]
+                rows.setdefault(f"extracted, rank {rank}, --trigger {token}, merged by merge-lora", []).append(
+                    {**score(bench.load_base(merged)), "energy": sum(m["energy"] for m in modules) / len(modules),
+                     "bytes": path.stat().st_size})
         print(f"seed {seed}: " + "; ".join(f"{name} {runs[-1]['concept_fidelity']:.0%}" for name, runs in rows.items()),
               flush=True)
 

@@ -139,3 +139,77 @@ def test_extract_of_an_unchanged_model_is_refused(tiny_model_dir, tmp_path, caps
     assert main(["extract-lora", str(tiny_model_dir), str(tiny_model_dir), "--out", str(tmp_path / "x.safetensors"),
                  "--rank", "4"]) == 2
     assert "does not differ" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def word_tuned_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A fine-tune whose attention moved and whose token rows of 'sks' and 'dog' moved (as DreamBooth's text encoder)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if name.endswith("to_q.weight"):
+                param.add_(0.01 * torch.randn(param.shape, generator=generator))
+        rows = pipe.text_encoder.get_input_embeddings().weight
+        for word in ("sks", "dog"):
+            ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
+            rows[ids] += 0.5 * torch.randn(len(ids), rows.shape[1], generator=generator)
+    out = tmp_path_factory.mktemp("word-tuned") / "model"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_trigger_rows_travel_bundled_and_merge_back_into_the_word_only(tiny_model_dir, word_tuned_dir, tmp_path,
+                                                                          capsys):
+    from safetensors.torch import load_file
+
+    from dreamtune.weights.bundled_words import TOKEN_EMBEDDING_KEY
+    from dreamtune.weights.diffusers_folder import load_clip_tokenizer
+
+    lora = tmp_path / "extracted.safetensors"
+    assert main(["extract-lora", str(tiny_model_dir), str(word_tuned_dir), "--out", str(lora), "--rank", "4",
+                 "--dtype", "fp32", "--trigger", "sks", "--no-hash"]) == 0
+    tokenizer = load_clip_tokenizer(tiny_model_dir / "tokenizer")
+    sks = tokenizer("sks", add_special_tokens=False).input_ids
+    dog = tokenizer("dog", add_special_tokens=False).input_ids
+    tensors = load_file(str(lora))
+    with open_checkpoint(word_tuned_dir) as tuned, open_checkpoint(tiny_model_dir) as base:
+        tuned_rows, base_rows = tuned.get(TOKEN_EMBEDDING_KEY), base.get(TOKEN_EMBEDDING_KEY)
+    assert torch.equal(tensors["bundle_emb.sks.string_to_param.*"], tuned_rows[sks])  # A1111's key, one vector a token
+    assert read_lora(lora).modules("unet")  # the LoRA part reads as before
+
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge-lora", str(tiny_model_dir), "--lora", f"{lora}:0.5", "--out", str(merged), "--no-hash"]) == 0
+    assert "written into the token embedding: sks" in capsys.readouterr().out
+    with open_checkpoint(merged) as out:
+        rows = out.get(TOKEN_EMBEDDING_KEY)
+    assert torch.equal(rows[sks], tuned_rows[sks])  # whole, whatever the LoRA's strength (as A1111 applies it)
+    assert torch.equal(rows[dog], base_rows[dog])  # not asked for
+    others = [i for i in range(rows.shape[0]) if i not in sks]
+    assert torch.equal(rows[others], base_rows[others])
+
+
+def test_a_new_words_bundle_is_not_merged_and_an_unmoved_trigger_is_refused(tiny_model_dir, word_tuned_dir, tmp_path,
+                                                                            capsys):
+    from dreamtune.weights.bundled_words import TOKEN_EMBEDDING_KEY
+
+    assert main(["extract-lora", str(tiny_model_dir), str(word_tuned_dir), "--out", str(tmp_path / "x.safetensors"),
+                 "--rank", "2", "--trigger", "cat", "--no-hash"]) != 0
+    assert "--trigger 'cat': its token rows are the same" in capsys.readouterr().err
+
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    with open_checkpoint(tiny_model_dir) as base:
+        width = base.shape(TOKEN_EMBEDDING_KEY)[1]
+        q = base.shape(next(k for k in base.keys if "input_blocks.1.1.transformer_blocks.0.attn1.to_q" in k))
+        base_rows = base.get(TOKEN_EMBEDDING_KEY)
+    pivotal = save_safetensors({f"{name}.lora_down.weight": torch.zeros(2, q[1]),
+                                f"{name}.lora_up.weight": torch.zeros(q[0], 2), f"{name}.alpha": torch.tensor(2.0),
+                                "bundle_emb.<s0>.string_to_param.*": torch.ones(1, width)},
+                               tmp_path / "pivotal.safetensors")
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge-lora", str(tiny_model_dir), "--lora", str(pivotal), "--out", str(merged), "--no-hash"]) == 0
+    assert "bundled embedding '<s0>' not merged: the tokenizer spells '<s0>' with" in capsys.readouterr().out
+    with open_checkpoint(merged) as out:
+        assert torch.equal(out.get(TOKEN_EMBEDDING_KEY), base_rows)

@@ -10,7 +10,9 @@ from pathlib import Path
 def run(args: argparse.Namespace) -> int:
     from ..models.dtypes import dtype_of
     from ..weights.checkpoint import open_checkpoint
-    from ..weights.diffusers_folder import config_dir_for, read_config
+    from ..weights.bundled_words import TOKEN_EMBEDDING_KEY, trigger_rows
+    from ..weights.diffusers_folder import config_dir_for, load_clip_tokenizer, read_config
+    from ..weights.embeddings import bundle_tensors
     from ..weights.ldm_keys import unet_key_map
     from ..weights.lora_formats import kohya_metadata
     from ..weights.lora_rank import RankChoice, extract_lora, summary
@@ -18,13 +20,18 @@ def run(args: argparse.Namespace) -> int:
     from ..weights.safetensors_io import save_safetensors
 
     choice = RankChoice(rank=args.rank, energy=args.energy, max_rank=args.max_rank)
-    unet_map = unet_key_map(read_config(config_dir_for([args.base, args.tuned], args.config_dir), "unet"))
+    config_dir = config_dir_for([args.base, args.tuned], args.config_dir)
+    unet_map = unet_key_map(read_config(config_dir, "unet"))
     with open_checkpoint(args.base, args.allow_pickle) as base, open_checkpoint(args.tuned, args.allow_pickle) as tuned:
         tensors, reports, left_out = extract_lora(base, tuned, unet_map, choice, text_encoder=args.text_encoder,
                                                   min_change=args.min_change, dtype=dtype_of(args.dtype))
+        if args.trigger:
+            tokenizer = load_clip_tokenizer(config_dir / "tokenizer")
+            for word in args.trigger:
+                tensors.update(bundle_tensors(word, trigger_rows(base, tuned, tokenizer, word), dtype=dtype_of(args.dtype)))
     ranks = [r.rank for r in reports]
     settings = {"rank": args.rank, "energy": args.energy, "max_rank": args.max_rank,
-                "text_encoder": args.text_encoder, "dtype": args.dtype}
+                "text_encoder": args.text_encoder, "dtype": args.dtype, "trigger": args.trigger or []}
     metadata = {
         **kohya_metadata(rank=max(ranks), alpha=float(max(ranks)), title=Path(args.out).stem,
                          base_model=str(args.base), tensors=tensors,
@@ -33,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     }
     out = save_safetensors(tensors, args.out, metadata=metadata)
     print(f"extracted {summary(reports)} -> {out}")
+    if left_out and TOKEN_EMBEDDING_KEY in left_out and not args.trigger:
+        print("  the token embedding changed: --trigger WORD carries the trigger word's rows (A1111, merge-lora)")
     if left_out:
         print(f"  not representable by a LoRA (biases, norms, embeddings, VAE): {len(left_out)} changed tensors, "
               f"e.g. {left_out[0]}")
@@ -61,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .safetensors (kohya LoRA, loads in A1111/ComfyUI/InvokeAI)")
     add_rank_arguments(p)
     p.add_argument("--text-encoder", action="store_true", help="also extract the text encoder's attention and MLP")
+    p.add_argument("--trigger", action="append", metavar="WORD",
+                   help="also carry this word's token-embedding rows from the fine-tune, bundled as an embedding "
+                   "named WORD (A1111 applies it with the LoRA; merge-lora writes it back); repeat for several")
     p.add_argument("--min-change", type=float, default=1e-6, help="a layer that moved less than this is skipped")
     p.add_argument("--config-dir", help="diffusers folder whose configs describe single-file inputs (default SD 1.5)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (torch weights_only load)")

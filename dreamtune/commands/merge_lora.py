@@ -32,7 +32,9 @@ def _unet_map(base: str, config_dir: str | None):
 
 def run(args: argparse.Namespace) -> int:
     from ..models.dtypes import DTYPES
+    from ..weights.bundled_words import merge_bundled_words
     from ..weights.checkpoint import open_checkpoint, save_checkpoint
+    from ..weights.diffusers_folder import load_clip_tokenizer
     from ..weights.lycoris_files import read_adapter
     from ..weights.lycoris_merge import merge_adapters
     from ..weights.merge import describe_loras, text_encoder_module_names, unet_module_names
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
             te_names = text_encoder_module_names(base)
             files = [(read_adapter(p, args.allow_pickle, unet_module_names(unet_map), te_names), s) for p, s in loras]
             state = merge_adapters(base, files, unet_map, DTYPES.get(args.dtype))
+        words, skipped = merge_bundled_words(state, files, load_clip_tokenizer(config_dir / "tokenizer"))
         settings = {"loras": describe_loras([p for p, _ in loras], [s for _, s in loras]),
                     "dtype": args.dtype or "as base"}
         meta = provenance("merge-lora", [args.base, *(p for p, _ in loras)], settings, hash_inputs=not args.no_hash)
@@ -57,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, KeyError) as err:  # WeightsError is a ValueError
         return fail(str(err))
     print(f"merged {len(loras)} LoRA(s) into {Path(args.base).name} -> {out}")
+    if words:
+        print(f"  bundled word(s) written into the token embedding: {', '.join(words)}")
+    for word, why in skipped.items():
+        print(f"  bundled embedding {word!r} not merged: {why}")
     return 0
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import WeightsError
+from .embeddings import bundle_tensors, bundled_embeddings, is_bundle_key
 from .lora_keys import KOHYA_ALPHA, Part, kohya_name, module_resolver, split_kohya_prefix
 
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight")
@@ -76,6 +77,8 @@ class AdapterFile:
     unet: dict[str, AdapterModule] = field(default_factory=dict)
     text_encoder: dict[str, AdapterModule] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    #: Embeddings bundled in the file (``bundle_emb.<word>.*``): word -> vectors ``[n, hidden]``.
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def parts(self) -> Iterable[tuple[Part, str, AdapterModule]]:
         for part in ("unet", "text_encoder"):
@@ -148,6 +151,8 @@ def to_kohya_tensors(adapters: AdapterFile) -> dict[str, torch.Tensor]:
         out[f"{name}.{KOHYA_ALPHA}"] = torch.tensor(float(alpha))
     if not out:
         raise WeightsError("the adapter file has no modules")
+    for word, vectors in adapters.embeddings.items():
+        out.update(bundle_tensors(word, vectors, dtype=vectors.dtype))
     return out
 
 
@@ -159,6 +164,8 @@ def from_kohya_tensors(
     """kohya/LyCORIS tensors -> :class:`AdapterFile`, module paths recovered as in ``kohya_to_peft``."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        if is_bundle_key(key):
+            continue
         lora_name, _, suffix = key.partition(".")
         groups.setdefault(lora_name, {})[suffix] = tensor
     resolvers = {"unet": module_resolver(unet_module_names, "unet"),
@@ -178,6 +185,7 @@ def from_kohya_tensors(
         target[path] = module
     if not result.unet and not result.text_encoder:
         raise WeightsError("the adapter file holds no tensors")
+    result.embeddings = bundled_embeddings(tensors)
     return result
 
 
