@@ -189,3 +189,21 @@ def test_masked_loss_gradients_come_only_from_the_masked_area(tiny_model_dir, tm
     assert (masked[..., :, :half] != 0).float().mean() > 0.9
     weighted = prediction_grads(0.5)
     assert (weighted[..., :, half:] != 0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_class_images_count_everywhere_beside_masked_instances(tmp_path, cache):
+    images, masks = masked_folder(tmp_path, [(32, 32), (48, 32)])
+    c = cfg(instance_dir=str(images), mask_dir=str(masks), cache_latents=cache)
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (10, 200, 10)).save(class_dir / f"{i}.png")
+    class_records = build_dataset(DataConfig(instance_dir=str(class_dir), instance_prompt="a dog", resolution=32),
+                                  seed=0).records
+    encoder, _ = moments_encoder(conv(0))
+    loader = build_train_loader(c, batch_size=2, seed=0, class_records=class_records,
+                                latent_encoder=encoder if cache != "none" else None)
+    batch = next(iter(loader))
+    instance, prior = batch["mask"][:2], batch["mask"][2:]
+    assert len(batch["mask"]) == 4 and (prior == 1).all() and not (instance == 1).all()
