@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from .data.config import DataConfig
 from .errors import ConfigError
 from .registry import registered_methods
+from .training.objective_settings import ObjectiveSettings
 
 
 class Section(BaseModel):
@@ -32,7 +33,7 @@ class ModelConfig(Section):
     allow_pickle: bool = Field(False, description="Allow .ckpt single-file checkpoints (pickle; trusted files only).")
 
 
-class TrainConfig(Section):
+class TrainConfig(Section, ObjectiveSettings):
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation: int = Field(1, ge=1)

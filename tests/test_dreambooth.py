@@ -372,7 +372,7 @@ def test_blend_alpha_is_refused_for_lora(tmp_path):
 
 def test_min_snr_weights_each_sample_before_the_prior_split(tiny_model_dir, tmp_path):
     """Instance and class samples get their own timestep's weight; then instance mean + weight x prior mean."""
-    import dreamtune.training.loop as loop
+    import dreamtune.training.objective as objective
 
     cfg = db_config(
         tiny_model_dir, tmp_path, "train.max_steps=1", "train.batch_size=2", "train.snr_gamma=5.0",
@@ -382,10 +382,10 @@ def test_min_snr_weights_each_sample_before_the_prior_split(tiny_model_dir, tmp_
     )
     trainer = Trainer(cfg)
     seen: dict = {}
-    method_loss, real_mse, real_weights = trainer.method.loss, loop.per_sample_mse, loop.min_snr_weights
+    method_loss, real_mse, real_weights = trainer.method.loss, objective.per_sample_error, objective.min_snr_weights
 
-    def spy_mse(pred, target):
-        mse = real_mse(pred, target)
+    def spy_mse(pred, target, *rest):
+        mse = real_mse(pred, target, *rest)
         seen["mse"] = mse.detach().clone()
         return mse
 
@@ -401,8 +401,8 @@ def test_min_snr_weights_each_sample_before_the_prior_split(tiny_model_dir, tmp_
 
     trainer.method.loss = spy_loss
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "per_sample_mse", spy_mse)
-        mp.setattr(loop, "min_snr_weights", spy_weights)
+        mp.setattr(objective, "per_sample_error", spy_mse)
+        mp.setattr(objective, "min_snr_weights", spy_weights)
         trainer.run()
     assert seen["num_instance"] == 2 and seen["per_sample"].shape == (4,)
     alphas = trainer.models.noise_scheduler.alphas_cumprod.double()[seen["timesteps"].cpu()]

@@ -89,6 +89,17 @@ class DataConfig(SourceOptions):
         "none", description="Encode each image with the VAE once: in memory, or on disk (reused across runs)."
     )
     cache_dir: str | None = Field(None, description="Folder for cache_latents=disk; default <first source>/.dreamtune_cache.")
+    masked_loss: bool = Field(
+        False, description="Weight the loss by a mask per image: its alpha channel, or the same-name image in "
+        "data.mask_dir (white = learn, black = background); held-out validation images stay unmasked.",
+    )
+    mask_dir: str | None = Field(
+        None, description="Folder of masks for data.masked_loss, at each image's path relative to its instance_dir "
+        "(any image extension; its first channel, red or grey, is the mask).",
+    )
+    unmasked_weight: float = Field(
+        0.0, ge=0, le=1, description="Loss weight of the unmasked area with data.masked_loss (0 ignores it).",
+    )
     cache_text_embeddings: bool = Field(
         False, description="Run the frozen text encoder once per distinct caption (needs fixed captions: no tag "
         "shuffle or tag dropout; not with a trained text encoder or textual_inversion).",
@@ -124,7 +135,16 @@ class DataConfig(SourceOptions):
             )
         if self.cache_text_embeddings:
             self._check_fixed_captions()
+        self._check_masks()
         return self
+
+    def _check_masks(self) -> None:
+        """data.masked_loss reads masks from image files, so it needs folder sources."""
+        if self.mask_dir and not self.masked_loss:
+            raise ValueError("data.mask_dir is set but data.masked_loss=false; set data.masked_loss=true to use it")
+        if self.masked_loss and any(s.dataset for s in self.source_configs()):
+            raise ValueError("data.masked_loss reads each image's mask from its file (alpha channel or data.mask_dir), "
+                             "so it needs data.instance_dir sources, not data.dataset; drop masked_loss or use a folder")
 
     def _check_fixed_captions(self) -> None:
         """data.cache_text_embeddings: refuse, naming the key, whatever makes a caption differ between epochs."""

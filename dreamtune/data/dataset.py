@@ -1,4 +1,5 @@
-"""The torch Dataset every trainer reads: transformed pixels (or cached latent moments) plus the caption."""
+"""The torch Dataset every trainer reads: transformed pixels (or cached latent moments) plus the caption,
+and with data.masked_loss the loss mask, transformed with its image."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .caption_rules import CaptionRules, caption_rng, longest_caption, render_ca
 from .config import DataConfig
 from .images import BadImageError, Transform, apply_transform, plan_transform, to_tensor
 from .latent_cache import LatentCache, LatentEncoder, latent_key
+from .masks import downsample_mask, mask_tensor
 from .sources import Record, SourceReport, scan_records
 
 log = logging.getLogger("dreamtune")
@@ -90,9 +92,17 @@ class ImageCaptionDataset(Dataset):
                 pixels = torch.stack([to_tensor(apply_transform(r.load(), t)) for _, r, t in chunk])
                 with torch.no_grad():
                     moments = encoder.encode(pixels)
-                for (key, _, _), moment in zip(chunk, moments):
+                for (key, record, transform), moment in zip(chunk, moments):
                     cache.put(key, moment)
+                    if record.mask is not None:
+                        mask = mask_tensor(apply_transform(record.mask(), transform))
+                        cache.put(self._mask_key(key, record), downsample_mask(mask, moment.shape[-2:]))
         self.cache, self.fingerprint = cache, encoder.fingerprint
+
+    @staticmethod
+    def _mask_key(latent_key_: str, record: Record) -> str:
+        """The cache key of a record's loss mask at the latent's size, crop and flip (data.masked_loss)."""
+        return latent_key("mask", record.mask.identity(), (0, 0), latent_key_)
 
     def distinct_captions(self) -> set[str]:
         """Every caption an epoch can give (for data.cache_text_embeddings): fixed captions, plus '' with dropout."""
@@ -117,7 +127,12 @@ class ImageCaptionDataset(Dataset):
         if self.cache is not None:
             transform = self._plan(index, record.size, target)
             key = latent_key(self.fingerprint, record.cache_identity(), target, transform.key())
-            return {"latent_moments": self.cache.get(key), "caption": caption}
+            example = {"latent_moments": self.cache.get(key), "caption": caption}
+            if self.cfg.masked_loss:
+                latent_size = example["latent_moments"].shape[-2:]
+                example["mask"] = (torch.ones(1, *latent_size) if record.mask is None
+                                   else self.cache.get(self._mask_key(key, record)))
+            return example
         try:
             image = record.load()
         except BadImageError as err:
@@ -125,7 +140,12 @@ class ImageCaptionDataset(Dataset):
             log.warning("data: %s; using another image for this step", err)
             return self.example(self._neighbour(index, target), target)
         transform = self._plan(index, image.size, target)
-        return {"pixel_values": to_tensor(apply_transform(image, transform)), "caption": caption}
+        example = {"pixel_values": to_tensor(apply_transform(image, transform)), "caption": caption}
+        if self.cfg.masked_loss:
+            # Images without a mask of their own (prior-preservation class images) count everywhere.
+            example["mask"] = (torch.ones(1, target[1], target[0]) if record.mask is None
+                               else mask_tensor(apply_transform(record.mask(), transform)))
+        return example
 
     def _neighbour(self, index: int, target: tuple[int, int]) -> int:
         """The next example of another record at the same size (for a file that broke after the scan)."""
@@ -148,10 +168,13 @@ def image_key(example: dict) -> str:
 def collate(examples: list[dict]) -> dict:
     """Stack pixels (or latent moments); keep captions as strings for the trainer to tokenize."""
     name = image_key(examples[0])
-    return {
+    batch = {
         name: torch.stack([e[name] for e in examples]).contiguous(),
         "captions": [e["caption"] for e in examples],
     }
+    if "mask" in examples[0]:
+        batch["mask"] = torch.stack([e["mask"] for e in examples]).contiguous()
+    return batch
 
 
 def build_dataset(cfg: DataConfig, seed: int):

@@ -52,11 +52,14 @@ def collate_paired(examples: list[dict]) -> dict:
     batch = collate([{k: v for k, v in e.items() if k != "prior"} for e in examples])
     classes = collate([e["prior"] for e in examples])
     name = image_key(batch)
-    return {
+    paired = {
         name: torch.cat([batch[name], classes[name]]),
         "captions": batch["captions"] + classes["captions"],
         "num_instance": len(examples),
     }
+    if "mask" in batch:
+        paired["mask"] = torch.cat([batch["mask"], classes["mask"]])
+    return paired
 
 
 @dataclass

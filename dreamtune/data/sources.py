@@ -16,6 +16,7 @@ from ..errors import DataError
 from .caption_rules import CaptionRules, base_caption
 from .config import DataConfig, SourceConfig
 from .images import IMAGE_EXTENSIONS, BadImageError, open_rgb
+from .masks import attach_masks
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -38,6 +39,7 @@ class Record:
     rules: CaptionRules | None = None
     size: tuple[int, int] | None = None
     identity: str = ""
+    mask: Callable[[], Image.Image] | None = None  # data.masked_loss: the loss mask's loader (see data/masks.py)
 
     def cache_identity(self) -> str:
         """What names this image's content for caches (path, size on disk and mtime for files)."""
@@ -357,6 +359,8 @@ def scan_records(cfg: DataConfig) -> tuple[list[Record], SourceReport]:
     for index, source in enumerate(cfg.source_configs()):
         key = source_key(cfg, index)
         found, part = folder_records(source, cfg, key) if source.instance_dir else dataset_records(source, key)
+        if cfg.masked_loss:
+            attach_masks(found, Path(source.instance_dir), cfg.mask_dir, key)
         records += found
         report.extend(part)
     return records, report

@@ -30,6 +30,19 @@ def inference_scheduler(noise_scheduler) -> Any:
     return DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
 
 
+def with_zero_terminal_snr(scheduler) -> Any:
+    """``scheduler`` on the zero-terminal-SNR schedule: betas rescaled so the last step is pure noise, timesteps
+    spaced from it ("trailing"). Samplers without that option (PNDM) become DDIM, the sampler the paper used."""
+    import inspect
+
+    from diffusers import DDIMScheduler
+
+    cls = type(scheduler)
+    if "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+        cls = DDIMScheduler
+    return cls.from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
 def build_pipeline(tokenizer, text_encoder, vae, unet, scheduler, *, progress_bar: bool = False):
     """A StableDiffusionPipeline over the given modules (no copies), without the safety checker."""
     from diffusers import StableDiffusionPipeline

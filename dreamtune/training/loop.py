@@ -18,15 +18,7 @@ from ..registry import create_method
 from . import checkpoints as ckpt
 from . import saving
 from .method import TrainingMethod
-from .objective import (
-    latent_moments,
-    min_snr_weights,
-    per_sample_mse,
-    prediction_target,
-    sample_latents,
-    sample_noise,
-    sample_timesteps,
-)
+from .objective import Objective, latent_moments, training_scheduler
 from .caches import latent_encoder, text_cache
 from .launch import make_accelerator, refuse_impossible_launch
 from .optim import build_lr_scheduler, build_optimizer
@@ -73,6 +65,8 @@ class Trainer:
         acc.wait_for_everyone()
         set_seed(cfg.train.seed)
         self.models = load_base_model(cfg.model)
+        self.models.noise_scheduler = training_scheduler(self.models.noise_scheduler, cfg.train.zero_terminal_snr)
+        self.objective = Objective(self.models.noise_scheduler, cfg.train, cfg.data.unmasked_weight)
         self.method.setup(self.models, acc)
 
         trained = self.method.trained_modules()
@@ -217,19 +211,10 @@ class Trainer:
         with torch.no_grad():
             return self.method.encode_text(bare, self._input_ids(captions))
 
-    def per_sample_losses(self, unet, moments: torch.Tensor, hidden: torch.Tensor, generators) -> torch.Tensor:
-        """The objective per sample: latents drawn from ``moments``, noised, predicted, compared (min-SNR weighted)."""
-        m, t = self.models, self.cfg.train
-        latents = sample_latents(moments, generators)
-        noise = sample_noise(latents, t.noise_offset, generators)
-        timesteps = sample_timesteps(m.noise_scheduler, generators, latents.device)
-        noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
-        pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
-        losses = per_sample_mse(pred, prediction_target(m.noise_scheduler, latents, noise, timesteps))
-        if t.snr_gamma:
-            # Weights per sample, before any method splits the batch (e.g. instance vs prior).
-            losses = losses * min_snr_weights(m.noise_scheduler, timesteps, t.snr_gamma)
-        return losses
+    def per_sample_losses(self, unet, moments: torch.Tensor, hidden: torch.Tensor, generators,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The objective per sample (training/objective.py); ``mask`` weights where each sample's loss counts."""
+        return self.objective.losses(unet, moments, hidden, generators, mask)
 
     def _train_step(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict]:
         """One forward/backward on a micro-batch; returns the loss and scalars to log."""
@@ -248,7 +233,7 @@ class Trainer:
             with torch.no_grad():
                 moments = latent_moments(m.vae, pixels)
         hidden = self._encode_text(captions)
-        losses = self.per_sample_losses(unet, moments, hidden, generators)
+        losses = self.per_sample_losses(unet, moments, hidden, generators, batch.get("mask"))
         loss, scalars = self.method.loss(losses, ctx)
         return loss, {"loss": loss.detach().item(), **scalars}
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from .method import Exporter
+from .objective_settings import objective_card
 from .run_folder import RunFolder
 
 
@@ -24,6 +25,8 @@ def write_model_card(run: RunFolder, cfg: RunConfig, exporter: Exporter, exporte
     )
     if extra := cfg.method_settings.card_settings():
         settings += f", {extra}"
+    if objective := objective_card(t, cfg.data):
+        settings += f", {objective}"
     run.model_card.write_text(
         f"# {cfg.output.name}\n\n"
         f"A **{cfg.trainer}** fine-tune of `{cfg.model.pretrained}` made with dreamtune.\n\n"

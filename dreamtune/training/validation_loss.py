@@ -20,11 +20,12 @@ STREAM = -1
 
 
 def held_out_dataset(cfg):
-    """validation.instance_dir read with the data section's caption rules, without random crop, flip or dropout."""
+    """validation.instance_dir read with the data section's caption rules, without random crop, flip, dropout or
+    loss masks (held-out images come without masks, so their loss covers the whole image)."""
     data = cfg.data.model_copy(update={
         "instance_dir": cfg.validation.instance_dir, "sources": [], "dataset": None, "streaming": False,
         "random_flip": False, "center_crop": True, "caption_dropout": 0.0, "tag_dropout": 0.0, "shuffle_tags": False,
-        "repeats": 1, "cache_latents": "none", "bucketing": False,
+        "repeats": 1, "cache_latents": "none", "bucketing": False, "masked_loss": False, "mask_dir": None,
     })
     return build_dataset(data, seed=cfg.train.seed)
 

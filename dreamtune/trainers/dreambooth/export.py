@@ -11,7 +11,7 @@ import torch
 
 from ...models.dtypes import dtype_of
 from ...models.loading import BaseModel, load_base_model
-from ...models.pipeline import build_pipeline, resolve_scheduler
+from ...models.pipeline import build_pipeline, resolve_scheduler, with_zero_terminal_snr
 from ...training.method import Exporter
 from ...training.run_folder import RunFolder
 from ...weights.blend import blend_with_base
@@ -97,7 +97,7 @@ class DreamBoothExporter(Exporter):
         scheduler = resolve_scheduler(config)
         if model.prediction_type:
             scheduler.register_to_config(prediction_type=model.prediction_type)
-        return scheduler
+        return with_zero_terminal_snr(scheduler) if self.cfg.train.zero_terminal_snr else scheduler
 
     def _save_pair(self, parts: dict[str, Any], out: RunFolder, step: int, weights: str) -> list[Path]:
         """The single-file checkpoint and the diffusers pipeline folder (fp32, safetensors, the hub's key layout)."""
