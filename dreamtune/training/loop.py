@@ -29,7 +29,7 @@ from .objective import (
 )
 from .caches import latent_encoder, text_cache
 from .launch import make_accelerator, refuse_impossible_launch
-from .optim import build_lr_scheduler, build_optimizer
+from .optim import build_lr_scheduler, build_optimizer, optimizer_eval_mode
 from .interrupts import ForcedStop, RunStopped, StopFlag, any_process, forced_stop_message
 from .ownership import RunOwnership
 from .progress import Eta, flat_config, log_images, run_scalars, run_summary, step_scalars
@@ -179,7 +179,7 @@ class Trainer:
                 modules["tokenizer"], modules["text_encoder"], modules["vae"], modules["unet"],
                 inference_scheduler(self.models.noise_scheduler),
             )
-            with self.accelerator.autocast(), self.method.weights("sample", trained):
+            with optimizer_eval_mode(self.optimizer), self.accelerator.autocast(), self.method.weights("sample", trained):
                 rows = render_images(
                     pipe, v.prompts, images_per_prompt=v.images_per_prompt, seed=v.seed,
                     steps=v.num_inference_steps, guidance_scale=v.guidance_scale,

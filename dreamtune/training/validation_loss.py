@@ -13,6 +13,7 @@ import torch
 
 from ..data.dataset import build_dataset
 from .objective import latent_moments, sample_generators
+from .optim import optimizer_eval_mode
 from .step import StepContext
 
 #: The generators' step slot for validation: never a training step, so its draws never repeat a training one.
@@ -47,7 +48,7 @@ class ValidationLoss:
         modes = {name: module.training for name, module in modules.items()}
         for module in modules.values():
             module.eval()
-        with tr.method.weights("sample", modules), acc.autocast():
+        with optimizer_eval_mode(tr.optimizer), tr.method.weights("sample", modules), acc.autocast():
             unet = modules.get("unet", models.unet)
             text_encoder = modules.get("text_encoder", models.text_encoder)
             for index in range(acc.process_index, count, acc.num_processes):
