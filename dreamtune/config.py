@@ -31,6 +31,12 @@ class ModelConfig(Section):
         None, description="Override the base scheduler's prediction type."
     )
     allow_pickle: bool = Field(False, description="Allow .ckpt single-file checkpoints (pickle; trusted files only).")
+    vae_dtype: Literal["fp32"] | None = Field(
+        None, description="fp32 keeps the VAE in full precision under fp16/bf16 (kohya's no_half_vae); null follows "
+        "train.mixed_precision.",
+    )
+    clip_skip: int = Field(1, ge=1, description="Condition on the text encoder's N-th layer from the end (2 = A1111's "
+                           "CLIP skip 2), through its final layer norm; in training, sampling and the text cache.")
 
 
 #: train.optimizer's built-in names; anything else must be an import path.

@@ -89,6 +89,10 @@ class DataConfig(SourceOptions):
         "none", description="Encode each image with the VAE once: in memory, or on disk (reused across runs)."
     )
     cache_dir: str | None = Field(None, description="Folder for cache_latents=disk; default <first source>/.dreamtune_cache.")
+    max_token_length: Literal[75, 150, 225] = Field(
+        75, description="Caption tokens the text encoder reads: 150 or 225 encode longer captions in 75-token windows "
+        "(kohya's convention); longer captions are cut at this length.",
+    )
     cache_text_embeddings: bool = Field(
         False, description="Run the frozen text encoder once per distinct caption (needs fixed captions: no tag "
         "shuffle or tag dropout; not with a trained text encoder or textual_inversion).",
