@@ -171,3 +171,12 @@ def test_optimizer_args_override_the_adam_defaults():
 def test_prodigy_warns_about_a_small_learning_rate():
     with pytest.warns(UserWarning, match=r"prodigy with a learning rate of 0\.0001.*train\.learning_rate=1\.0"):
         optim.build_optimizer(opt_cfg("train.optimizer=prodigy"), [{**groups()[0], "lr": 1e-4}])
+
+
+def test_prodigy_logs_the_rate_it_trains_at():
+    from dreamtune.training.progress import run_scalars
+
+    opt = optim.build_optimizer(opt_cfg("train.optimizer=prodigy", "train.learning_rate=1.0"), groups())
+    opt.param_groups[0]["d"] = 2.5e-4
+    scalars = run_scalars(opt_cfg(), opt, 1, 1.0)
+    assert scalars["lr/unet"] == 1.0 and scalars["d*lr/unet"] == 2.5e-4
