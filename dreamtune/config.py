@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
@@ -31,6 +32,16 @@ class ModelConfig(Section):
         None, description="Override the base scheduler's prediction type."
     )
     allow_pickle: bool = Field(False, description="Allow .ckpt single-file checkpoints (pickle; trusted files only).")
+    vae_dtype: Literal["fp32"] | None = Field(
+        None, description="fp32 keeps the VAE in full precision under fp16/bf16 (kohya's no_half_vae); null follows "
+        "train.mixed_precision.",
+    )
+    clip_skip: int = Field(1, ge=1, description="Condition on the text encoder's N-th layer from the end (2 = A1111's "
+                           "CLIP skip 2), through its final layer norm; in training, sampling and the text cache.")
+
+
+#: train.optimizer's built-in names; anything else must be an import path.
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion", "lion8bit", "adafactor", "adamw_schedulefree")
 
 
 class TrainConfig(Section, ObjectiveSettings):
@@ -43,13 +54,19 @@ class TrainConfig(Section, ObjectiveSettings):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    optimizer: str = Field(
+        "adamw", description=f"{' | '.join(OPTIMIZERS)}, or an optimizer class's import path (package.module.Class).",
+    )
+    optimizer_args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the optimizer; they override the adam_* values.",
+    )
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_weight_decay: float = Field(1.0e-2, ge=0)
     adam_epsilon: float = Field(1.0e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    full_bf16: bool = Field(False, description="Trained weights in bf16 too, no fp32 copy (needs mixed_precision=bf16).")
     seed: int = 42
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5.0 is usual).")
     noise_offset: float = Field(0.0, ge=0)
@@ -67,6 +84,34 @@ class TrainConfig(Section, ObjectiveSettings):
     def _yaml_no(cls, value):
         # YAML 1.1 reads an unquoted `no` (accelerate's spelling, in a file or on the command line) as false.
         return "no" if value is False else value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer_name(cls, value: str) -> str:
+        if value in OPTIMIZERS or re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", value):
+            return value
+        raise ValueError(f"choose one of {', '.join(OPTIMIZERS)}, or an import path such as torch.optim.RAdam")
+
+    @model_validator(mode="after")
+    def _optimizer_rules(self) -> "TrainConfig":
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            raise ValueError(f"train.full_bf16=true keeps the trained weights in bf16 and needs "
+                             f"train.mixed_precision=bf16 (got {self.mixed_precision}); set it, or full_bf16=false")
+        own_schedule = {"adamw_schedulefree": ("warms up inside the optimizer (train.lr_warmup_steps)",
+                                               ("constant", "constant_with_warmup"))}
+        if adafactor_relative_step(self):
+            own_schedule["adafactor"] = ("computes its own step size with optimizer_args.relative_step=true "
+                                         "(set relative_step=false to use train.learning_rate)", ("constant",))
+        if self.optimizer in own_schedule and self.lr_scheduler not in own_schedule[self.optimizer][1]:
+            why, allowed = own_schedule[self.optimizer]
+            raise ValueError(f"train.optimizer={self.optimizer} {why}, so train.lr_scheduler must be "
+                             f"{' or '.join(allowed)} (got {self.lr_scheduler})")
+        return self
+
+
+def adafactor_relative_step(train: TrainConfig) -> bool:
+    """Adafactor in relative-step mode (its default, and kohya's): no learning rate, its own schedule."""
+    return train.optimizer == "adafactor" and bool(train.optimizer_args.get("relative_step", True))
 
 
 class ValidationConfig(Section):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Drift check: install the newest versions the registry serves of every dreamtune dependency (ignoring
-# pyproject's upper bounds and the lock), list what moved against constraints.txt, and run the smoke
-# (scripts/smoke.py). Run it before changing constraints.txt; the lock then moves in one reviewed commit.
+# Drift check: install the newest versions the registry serves of every dreamtune dependency, optional extras
+# included (ignoring pyproject's upper bounds and the lock), list what moved against constraints.txt, and run
+# the smoke (scripts/smoke.py). Run it before changing constraints.txt; the lock then moves in one reviewed commit.
 #   bash scripts/check_latest.sh            # venv in /tmp/dreamtune-latest
 #   TORCH_SPEC='torch' VENV=/tmp/v bash scripts/check_latest.sh
 set -uo pipefail
@@ -13,7 +13,9 @@ pip install -q --upgrade pip >/dev/null 2>&1
 # Direct dependencies by name, without version ranges: the resolver picks the newest set that installs.
 deps=$(python3 - <<'PY'
 import re, tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+deps = project["dependencies"] + [d for name, reqs in extras.items() if name != "test" for d in reqs]
 print(" ".join(re.split(r"[<>=!~; \[]", d, maxsplit=1)[0] for d in deps if not d.startswith("torch")))
 PY
 )

@@ -168,9 +168,10 @@ def test_gradient_accumulation_equals_the_larger_batch_for_unet_and_text_encoder
 
 @pytest.mark.parametrize("override, message", [
     ("train.optimizer=adamw8bit", r"adamw8bit cannot run under DeepSpeed: .*Use train\.optimizer=adamw"),
+    ("train.optimizer=lion8bit", r"lion8bit cannot run under DeepSpeed: .*Use train\.optimizer=adamw"),
     ("lora.train_text_encoder=true", r"lora\.train_text_encoder=true cannot run under DeepSpeed: .*"
                                      r"lora\.train_text_encoder=false, or launch without DeepSpeed"),
-], ids=["adamw8bit", "text_encoder"])
+], ids=["adamw8bit", "lion8bit", "text_encoder"])
 def test_deepspeed_launch_refuses_what_cannot_run_before_anything_loads(tmp_path, monkeypatch, override, message):
     """accelerate launch's DeepSpeed flag is checked before data or models load (deepspeed need not be installed)."""
     cfg = config(tmp_path / "no-model-here", tmp_path / "out", f"data.instance_dir={tmp_path / 'no-photos'}", override)

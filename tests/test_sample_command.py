@@ -65,3 +65,30 @@ def test_sample_grid_puts_the_base_beside_the_extras(tiny_model_dir, extras, tmp
     assert main(["sample", "--model", str(tiny_model_dir), "--prompt", "x", "--lora", str(tmp_path / "nope.safetensors"),
                  "--out", str(out)]) == 2
     assert "--lora: " in capsys.readouterr().err
+
+
+def test_sample_encodes_prompts_as_training_did(tiny_model_dir, tmp_path, monkeypatch):
+    """--clip-skip 2 --max-token-length 150: the pipeline gets the same embeddings as training computes."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from dreamtune.models import render
+    from dreamtune.models.text import encode_tokens, token_ids
+
+    seen = []
+    original = render.render_images
+
+    def spy(pipe, prompts, **kwargs):
+        seen.append(kwargs["encode"]("a photo of mytoken"))
+        return original(pipe, prompts, **kwargs)
+
+    monkeypatch.setattr(render, "render_images", spy)
+    assert main(["sample", "--model", str(tiny_model_dir), "--prompt", "a photo of mytoken", "--clip-skip", "2",
+                 "--max-token-length", "150", "--images-per-prompt", "1", "--steps", "1",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder")
+    with torch.no_grad():
+        expected = encode_tokens(text_encoder, token_ids(tokenizer, ["a photo of mytoken"], 150), 2)
+    assert len(seen) == 1 and seen[0].shape == (1, 152, text_encoder.config.hidden_size)
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-5)

@@ -316,7 +316,7 @@ def test_benchmark_entries_are_the_packaged_recipes_and_configs_links_them():
 
     assert set(benchmark.ENTRIES) == set(benchmark.TARGETS) == {"lora", "dreambooth", "dreambooth_prior",
                                                                 "textual_inversion", "lora_dora", "locon", "loha",
-                                                                "lokr"}
+                                                                "lokr", "lora_prodigy"}
     assert all(path.parent == RECIPE_DIR for path in benchmark.ENTRIES.values())
     configs = Path(__file__).resolve().parents[1] / "configs"
     links = {"quickstart_lora.yaml": "lora", "toyworld_dreambooth.yaml": "dreambooth",
@@ -516,7 +516,7 @@ def test_benchmark_runs_from_an_installed_wheel(tmp_path):
     assert Path(module).resolve().is_relative_to(installed), module
     assert Path(model_dir).resolve().is_relative_to(installed) and (Path(model_dir) / "model_index.json").is_file()
     assert entries == str(["dreambooth", "dreambooth_prior", "locon", "loha", "lokr", "lora", "lora_dora",
-                           "textual_inversion"])
+                           "lora_prodigy", "textual_inversion"])
 
     dreamtune = python.with_name("dreamtune.exe" if os.name == "nt" else "dreamtune")
     run = subprocess.run([str(dreamtune), "evaluate", "--benchmark", "toyworld", "--quick", "--trainers", "lora",

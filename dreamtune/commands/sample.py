@@ -80,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
         images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
         guidance_scale=args.guidance_scale, resolution=resolution, negative_prompt=args.negative_prompt,
     )
+    if args.clip_skip != 1 or args.max_token_length != 75:  # as the LoRA or model was trained (model.clip_skip, ...)
+        from ..models.text import check_clip_skip, encode_tokens, token_ids
+
+        check_clip_skip(pipe.text_encoder, args.clip_skip)
+        kwargs["encode"] = lambda text: encode_tokens(
+            pipe.text_encoder, token_ids(pipe.tokenizer, [text], args.max_token_length).to(pipe.device), args.clip_skip)
     rows, labels = [], []
     with torch.no_grad():
         if args.with_base and (args.lora or args.embedding):
@@ -112,4 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt")
     p.add_argument("--resolution", type=int, help="default: the model's native size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip-skip", type=int, default=1, choices=range(1, 13), metavar="N",
+                   help="condition on the text encoder's N-th layer from the end, as model.clip_skip (2 = A1111's "
+                        "CLIP skip 2); a LoRA trained with it records ss_clip_skip")
+    p.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225),
+                   help="read prompts up to this many tokens in 75-token windows, as data.max_token_length")
     p.set_defaults(func=run)

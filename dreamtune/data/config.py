@@ -100,6 +100,10 @@ class DataConfig(SourceOptions):
     unmasked_weight: float = Field(
         0.0, ge=0, le=1, description="Loss weight of the unmasked area with data.masked_loss (0 ignores it).",
     )
+    max_token_length: Literal[75, 150, 225] = Field(
+        75, description="Caption tokens the text encoder reads: 150 or 225 encode longer captions in 75-token windows "
+        "(kohya's convention); longer captions are cut at this length.",
+    )
     cache_text_embeddings: bool = Field(
         False, description="Run the frozen text encoder once per distinct caption (needs fixed captions: no tag "
         "shuffle or tag dropout; not with a trained text encoder or textual_inversion).",

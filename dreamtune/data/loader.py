@@ -128,12 +128,14 @@ def default_cache_dir(cfg: DataConfig) -> Path:
 
 
 def warn_long_captions(dataset: ImageCaptionDataset, tokenizer: Any, max_length: int = 77) -> int:
-    """Warn once with how many images have captions (prefix and suffix included) the text encoder will truncate."""
+    """Warn once with how many images have captions (prefix and suffix included, with BOS and EOS) longer than
+    ``max_length`` tokens: the text encoder reads no further."""
     long = count_long_captions([longest_caption(r.caption, r.rules or CaptionRules()) for r in dataset.records],
                                tokenizer, max_length)
     if long:
+        longer = ", or set data.max_token_length to 225 (75-token windows)" if max_length < 227 else ""
         data_notice(f"data: {long} of {len(dataset.records)} images have captions longer than the text encoder's "
-                    f"{max_length} tokens; the ends are cut off. Shorten them or move key words first.")
+                    f"{max_length} tokens; the ends are cut off. Shorten them or move key words first{longer}.")
     return long
 
 
@@ -163,7 +165,7 @@ def build_train_loader(
         dataloader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=cfg.num_workers)
         return TrainLoader(dataset=dataset, sampler=None, dataloader=dataloader, batch_size=batch_size)
     if tokenizer is not None and rank == 0:
-        warn_long_captions(dataset, tokenizer)
+        warn_long_captions(dataset, tokenizer, cfg.max_token_length + 2)
     cache = None
     if cfg.cache_latents != "none" and latent_encoder is not None:
         cache = LatentCache(cfg.cache_latents, default_cache_dir(cfg))

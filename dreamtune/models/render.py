@@ -21,20 +21,24 @@ def render_images(
     resolution: int,
     negative_prompt: str | None = None,
     stop: Callable[[], bool] | None = None,
+    encode: Callable[[str], torch.Tensor] | None = None,
     **call_kwargs: Any,
 ) -> list[list[Image.Image]]:
     """images[prompt][k] drawn with seed ``seed + k``: the same seeds give comparable grids. When ``stop()``
-    turns true (a Ctrl-C), the rows finished so far are returned before the next image."""
+    turns true (a Ctrl-C), the rows finished so far are returned before the next image. ``encode`` (a text ->
+    [1, tokens, width] function) replaces the pipeline's own prompt encoding, the negative prompt's too."""
     rows = []
     for prompt in prompts:
+        texts: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt}
+        if encode is not None:
+            texts = {"prompt_embeds": encode(prompt), "negative_prompt_embeds": encode(negative_prompt or "")}
         row = []
         for k in range(images_per_prompt):
             if stop is not None and stop():
                 return rows
             generator = torch.Generator(device="cpu").manual_seed(seed + k)
             result = pipe(
-                prompt,
-                negative_prompt=negative_prompt,
+                **texts,
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 height=resolution,

@@ -48,7 +48,7 @@ TARGETS = {
     "dreambooth": {"concept": 0.8, "prompt": 0.6},
     "dreambooth_prior": {"concept": 0.8, "prompt": 0.6, "base_accuracy": 0.9},
     "textual_inversion": {"concept": 0.5},
-    **{entry: {"concept": 0.8, "prompt": 0.6} for entry in ("lora_dora", "locon", "loha", "lokr")},
+    **{entry: {"concept": 0.8, "prompt": 0.6} for entry in ("lora_dora", "locon", "loha", "lokr", "lora_prodigy")},
 }
 GENERATION = {"steps": 30, "guidance": 3.0}
 

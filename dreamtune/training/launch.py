@@ -16,9 +16,9 @@ def refuse_impossible_launch(cfg: RunConfig) -> None:
     # `accelerate launch` with a DeepSpeed config sets this; Accelerator() reads the same variable.
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return
-    if cfg.train.optimizer == "adamw8bit":
+    if cfg.train.optimizer in ("adamw8bit", "lion8bit"):
         raise ConfigError(
-            "train.optimizer=adamw8bit cannot run under DeepSpeed: DeepSpeed owns the optimizer and its "
+            f"train.optimizer={cfg.train.optimizer} cannot run under DeepSpeed: DeepSpeed owns the optimizer and its "
             "ZeRO partitioning does not support bitsandbytes' 8-bit state. Use train.optimizer=adamw "
             "(ZeRO-2 already shards the optimizer state) or launch without DeepSpeed."
         )

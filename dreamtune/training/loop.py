@@ -10,10 +10,10 @@ import torch
 from ..config import RunConfig
 from ..data.dataset import build_dataset
 from ..data.loader import build_train_loader
-from ..models.dtypes import dtype_of
 from ..models.loading import load_base_model
 from ..models.pipeline import build_pipeline, inference_scheduler
 from ..models.render import render_images, save_grid, side_by_side
+from ..models.text import check_clip_skip, token_ids
 from ..registry import create_method
 from . import checkpoints as ckpt
 from . import saving
@@ -21,8 +21,9 @@ from .method import TrainingMethod
 from .objective import Objective, latent_moments, training_scheduler
 from .caches import latent_encoder, text_cache
 from .launch import make_accelerator, refuse_impossible_launch
-from .optim import build_lr_scheduler, build_optimizer
 from .initial_step import start_at
+from .optim import build_lr_scheduler, build_optimizer, optimizer_eval_mode
+from .precision import place_models
 from .interrupts import ForcedStop, RunStopped, StopFlag, any_process, forced_stop_message
 from .ownership import RunOwnership
 from .progress import Eta, flat_config, log_images, run_scalars, run_summary, step_scalars
@@ -50,7 +51,6 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------
     def _setup(self) -> None:
         from accelerate.utils import set_seed
-        from diffusers.training_utils import cast_training_params
 
         cfg = self.cfg
         # Data first: a broken folder fails before a multi-gigabyte model loads.
@@ -70,12 +70,8 @@ class Trainer:
         self.method.setup(self.models, acc)
 
         trained = self.method.trained_modules()
-        weight_dtype = dtype_of(cfg.train.mixed_precision)
-        for name, module in self.models.components().items():
-            if isinstance(module, torch.nn.Module):
-                # One compute dtype whatever the base was stored in (many local copies are fp16): frozen parts in
-                # the mixed-precision dtype (fp32 for "no"), trained ones in fp32 (autocast computes in half).
-                module.to(acc.device, dtype=torch.float32 if name in trained else weight_dtype)
+        check_clip_skip(self.models.text_encoder, cfg.model.clip_skip)
+        self.weight_dtype = place_models(cfg, self.models.components(), trained, acc.device)
         for name, module in trained.items():
             module.train()
             if cfg.train.gradient_checkpointing:
@@ -84,9 +80,6 @@ class Trainer:
                     module, "gradient_checkpointing_enable", None
                 )
                 enable() if enable is not None else None
-            # Trainable weights stay fp32 so fp16 mixed precision can unscale their gradients.
-            cast_training_params(module, dtype=torch.float32)
-        self.weight_dtype = weight_dtype
 
         lr = cfg.train.learning_rate
         if cfg.train.scale_lr:
@@ -122,11 +115,8 @@ class Trainer:
             acc.register_for_checkpointing(extra)
 
     def _input_ids(self, captions: list[str]) -> torch.Tensor:
-        """Token ids padded to the text encoder's length, on the device."""
-        tokenizer = self.models.tokenizer
-        return tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt",
-        ).input_ids.to(self.accelerator.device)
+        """Token ids padded to the text encoder's length (in windows, for data.max_token_length), on the device."""
+        return token_ids(self.models.tokenizer, captions, self.cfg.data.max_token_length).to(self.accelerator.device)
 
     def _register_checkpoint_hooks(self) -> None:
         """accelerate saves optimizer/scheduler/RNG; we save only the trainable tensors ourselves."""
@@ -174,12 +164,13 @@ class Trainer:
                 modules["tokenizer"], modules["text_encoder"], modules["vae"], modules["unet"],
                 inference_scheduler(self.models.noise_scheduler),
             )
-            with self.accelerator.autocast(), self.method.weights("sample", trained):
+            with optimizer_eval_mode(self.optimizer), self.accelerator.autocast(), \
+                    self.method.weights("sample", trained):
                 rows = render_images(
                     pipe, v.prompts, images_per_prompt=v.images_per_prompt, seed=v.seed,
                     steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                     resolution=self.cfg.data.resolution, negative_prompt=v.negative_prompt,
-                    stop=lambda: self.stop.requested,
+                    stop=lambda: self.stop.requested, encode=self._sampling_encoder(modules["text_encoder"]),
                 )
             for module in trained.values():
                 module.train()
@@ -190,6 +181,12 @@ class Trainer:
             log_images(self.accelerator.trackers, rows, step)
         self.accelerator.wait_for_everyone()
         return path
+
+    def _sampling_encoder(self, text_encoder):
+        """The training's text encoding for the pipeline when it differs from diffusers' own (clip skip, long captions)."""
+        if self.cfg.model.clip_skip == 1 and self.cfg.data.max_token_length == 75:
+            return None
+        return lambda text: self.method.encode_text(text_encoder, self._input_ids([text]))
 
     def _compare_with_base(self, final_grid: Path, step: int) -> list[Path]:
         """samples/base-vs-trained.png from the step-0 grid and the final one (main process)."""
@@ -229,9 +226,9 @@ class Trainer:
         if "latent_moments" in batch:  # data.cache_latents: the VAE ran once, before training
             moments = batch["latent_moments"].to(acc.device, dtype=self.weight_dtype)
         else:
-            pixels = batch["pixel_values"].to(acc.device, dtype=self.weight_dtype)
+            pixels = batch["pixel_values"].to(acc.device, dtype=m.vae.dtype)
             with torch.no_grad():
-                moments = latent_moments(m.vae, pixels)
+                moments = latent_moments(m.vae, pixels).to(self.weight_dtype)
         hidden = self._encode_text(captions)
         losses = self.per_sample_losses(unet, moments, hidden, generators, batch.get("mask"))
         loss, scalars = self.method.loss(losses, ctx)

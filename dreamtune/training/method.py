@@ -11,6 +11,7 @@ import torch
 from ..config import RunConfig
 from ..data.caption_rules import CaptionRules, fill_template
 from ..models.loading import BaseModel
+from ..models.text import encode_tokens
 from .checkpoints import copy_into_parameters
 from .run_folder import RunFolder
 from .step import StepContext
@@ -111,8 +112,9 @@ class TrainingMethod:
         return captions
 
     def encode_text(self, text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """Per-token conditioning for the UNet: the text encoder's last hidden state."""
-        return text_encoder(input_ids, return_dict=False)[0]
+        """Per-token conditioning for the UNet: the text encoder's last hidden state, or the layer model.clip_skip
+        names, for each 77-token window of ``input_ids`` (see models/text.py)."""
+        return encode_tokens(text_encoder, input_ids, self.cfg.model.clip_skip)
 
     def loss(self, per_sample: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         """Reduce per-sample (already SNR-weighted) losses to the loss to minimise, plus scalars to log."""

@@ -23,6 +23,8 @@ def write_model_card(run: RunFolder, cfg: RunConfig, exporter: Exporter, exporte
         f"{t.learning_rate} ({t.lr_scheduler}, warmup {t.lr_warmup_steps}), optimizer {t.optimizer}, "
         f"precision {t.mixed_precision}, resolution {cfg.data.resolution}, seed {t.seed}"
     )
+    if cfg.model.clip_skip != 1 or cfg.data.max_token_length != 75:
+        settings += f", clip skip {cfg.model.clip_skip}, captions up to {cfg.data.max_token_length} tokens"
     if extra := cfg.method_settings.card_settings():
         settings += f", {extra}"
     if objective := objective_card(t, cfg.data):

@@ -18,7 +18,8 @@ def diverged_message(what: str, step: int, checkpoints_dir: Path) -> str:
     """Why a run stopped without an export, where its last good checkpoint is, and what to try."""
     return (
         f"{what} at step {step}; nothing was exported. The last good checkpoint is kept in {checkpoints_dir}. "
-        "Try a lower train.learning_rate, train.mixed_precision=bf16 or no, or an fp32 VAE."
+        "Try a lower train.learning_rate, train.mixed_precision=bf16 or no, or model.vae_dtype=fp32 (the VAE in "
+        "full precision)."
     )
 
 

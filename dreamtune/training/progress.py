@@ -85,11 +85,13 @@ def step_scalars(accelerator, micro: list[dict], stop_requested: bool) -> tuple[
 
 
 def run_scalars(train_cfg, optimizer, num_processes: int, steps_per_s: float) -> dict[str, float]:
-    """Learning rate per parameter group, throughput and peak memory, for the trackers."""
+    """Learning rate per parameter group (and Prodigy's d*lr), throughput and peak memory, for the trackers."""
     import torch
 
     t = train_cfg
     scalars = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
+    # Prodigy's lr scales the step size it estimates (d); d*lr is the rate it actually trains at.
+    scalars.update({f"d*lr/{g.get('name', i)}": g["d"] * g["lr"] for i, g in enumerate(optimizer.param_groups) if "d" in g})
     scalars["steps_per_s"] = steps_per_s
     scalars["samples_per_s"] = steps_per_s * t.batch_size * t.gradient_accumulation * num_processes
     if torch.cuda.is_available():

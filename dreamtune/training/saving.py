@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import DreamtuneError
 from . import checkpoints as ckpt
 from .model_card import write_model_card
+from .optim import optimizer_eval_mode
 from .run_folder import RunFolder
 
 #: Environment variable naming where weights go when the output folder cannot take them.
@@ -133,7 +134,7 @@ def export_into(trainer, out: RunFolder, step: int) -> list[Path]:
     """The method's export files of the weights in memory, written into ``out`` (main process)."""
     exporter = trainer.method.exporter_class(trainer.cfg, trainer.method)
     modules = trainer.unwrapped()
-    with trainer.method.weights("export", modules):
+    with optimizer_eval_mode(trainer.optimizer), trainer.method.weights("export", modules):
         return exporter.write(out, modules, step)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ..data.dataset import build_dataset
 from .objective import latent_moments, sample_generators
+from .optim import optimizer_eval_mode
 from .step import StepContext
 
 #: The generators' step slot for validation: never a training step, so its draws never repeat a training one.
@@ -48,7 +49,7 @@ class ValidationLoss:
         modes = {name: module.training for name, module in modules.items()}
         for module in modules.values():
             module.eval()
-        with tr.method.weights("sample", modules), acc.autocast():
+        with optimizer_eval_mode(tr.optimizer), tr.method.weights("sample", modules), acc.autocast():
             unet = modules.get("unet", models.unet)
             text_encoder = modules.get("text_encoder", models.text_encoder)
             for index in range(acc.process_index, count, acc.num_processes):
@@ -58,8 +59,8 @@ class ValidationLoss:
                                   positions=(index,), num_instance=1, generators=generators)
                 captions = tr.method.captions([example["caption"]], ctx)
                 hidden = tr.method.encode_text(text_encoder, tr._input_ids(captions))
-                pixels = example["pixel_values"][None].to(acc.device, dtype=tr.weight_dtype)
-                moments = latent_moments(models.vae, pixels)
+                pixels = example["pixel_values"][None].to(acc.device, dtype=models.vae.dtype)
+                moments = latent_moments(models.vae, pixels).to(tr.weight_dtype)
                 losses[index] = tr.per_sample_losses(unet, moments, hidden, list(generators))[0].double()
         for name, module in modules.items():
             module.train(modes[name])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...models.dtypes import dtype_of
+from ...models.text import kohya_text_metadata
 from ...training.method import Exporter
 from ...training.run_folder import RunFolder
 from ...weights.lora_formats import kohya_metadata, most_common, save_diffusers_lora
@@ -37,7 +38,8 @@ class LoraExporter(Exporter):
             text_encoder_lr=(s.text_encoder_lr or t.learning_rate) if s.train_text_encoder else None,
             training_comment="trained with dreamtune",
             tensors=kohya,
-            extra=network_metadata(s.type, s.conv_rank, s.conv_alpha, self._network_args()),
+            extra={**network_metadata(s.type, s.conv_rank, s.conv_alpha, self._network_args()),
+                   **kohya_text_metadata(self.cfg.model.clip_skip, self.cfg.data.max_token_length)},
         )
         out.final.mkdir(parents=True, exist_ok=True)
         files = [Path(save_safetensors(kohya, out.final / f"{self.cfg.output.name}.safetensors", metadata=metadata))]
