@@ -118,6 +118,26 @@ def test_continuing_from_a_saved_steps_file_sees_what_a_resume_sees(tiny_model_d
     assert abs(fresh.last_loss - expected.last_loss) > 1e-4  # step 1's batch and noise: initial_step is what matched
 
 
+def test_with_a_stateless_optimizer_continuing_from_the_file_equals_continuing_from_the_checkpoint(
+        tiny_model_dir, tmp_path):
+    """Plain SGD keeps no state, so the file plus train.initial_step holds everything a resume restores."""
+    common = ("train.learning_rate=1e-1", "validation.prompts=[]", "lora.train_text_encoder=true",
+              "train.optimizer=torch.optim.SGD", "train.max_steps=3")
+    straight = Trainer(tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path / "straight", *common,
+                                       "train.save_every=2", "export.every_save=true"))
+    straight.run()
+    saved = tmp_path / "straight" / "checkpoints" / "step-000002" / "export" / "diffusers" / "pytorch_lora_weights.safetensors"
+    continued = Trainer(tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path / "continued", *common,
+                                        "train.save_every=0", f"lora.init_from={saved}", "train.initial_step=2"))
+    continued.run()
+    expected, got = lora_deltas(straight), lora_deltas(continued)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+    at_step_2 = lora_deltas(started_from(tiny_model_dir, tmp_path / "start", saved))
+    assert any(not torch.allclose(at_step_2[k], expected[k], atol=1e-5) for k in expected)  # step 3 moved them
+
+
 def test_initial_step_past_the_end_is_refused(tiny_model_dir, tmp_path):
     cfg = tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path, *FAST, "train.initial_step=3")
     with pytest.raises(ConfigError, match=r"train.initial_step=3 leaves nothing to train.*train.max_steps"):
