@@ -249,6 +249,18 @@ def images(trained, tiny_model_dir):
     return images
 
 
+def test_benchmark_loads_the_export_as_the_card_says(trained, tiny_model_dir, images):
+    from dreamtune.toyworld.benchmark import export_kind, load_export
+
+    trainer, result = trained
+    final = result.output_dir / "final"
+    assert export_kind("pivotal", final) == "pivotal"
+    pipe = load_export("pivotal", tiny_model_dir, final)
+    pipe.scheduler = fresh_pipeline(tiny_model_dir, trainer.models.noise_scheduler).scheduler
+    pipe.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(render_32(pipe, PROMPT), images["trained"], atol=2e-3)
+
+
 @pytest.mark.parametrize("export", ["diffusers", "kohya+a1111"])
 def test_exports_reproduce_the_trained_model(images, export):
     np.testing.assert_allclose(images[export], images["trained"], atol=2e-3)
