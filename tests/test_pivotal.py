@@ -128,6 +128,7 @@ def test_run_finishes_with_files_and_card(trained):
     card = (out / "README.md").read_text()
     assert "Trigger: `<s0><s1>`" in card and f"<lora:{NAME}:1>" in card and f"embedding:{NAME}" in card
     assert 'weight_name="pytorch_lora_weights.safetensors"' in card
+    assert f"for ComfyUI and InvokeAI: `variants/lora/{NAME}.safetensors` and `variants/embedding/" in card
     assert "load_textual_inversion(state_dict[\"clip_l\"], token=['<s0>', '<s1>']" in card
 
 

@@ -61,6 +61,11 @@ class PivotalExporter(LoraExporter):
     def ui_file(self, files: list[Path]) -> Path | None:
         return files[0]
 
+    def for_uis(self, ui: str) -> str:
+        name = self.cfg.output.name
+        return (f"- For AUTOMATIC1111/Forge: `{ui}` (the LoRA with the embedding bundled); for ComfyUI and InvokeAI: "
+                f"`variants/lora/{name}.safetensors` and `variants/embedding/{name}.safetensors`\n")
+
     def usage(self, final: Path, files: list[Path]) -> str:
         name, base, prompt = self.cfg.output.name, self.cfg.model.pretrained, self.example_prompt()
         words, phrase, diffusers = self.cfg.pivotal.words, self.cfg.pivotal.phrase, self.run.diffusers
