@@ -262,6 +262,22 @@ def test_benchmark_loads_the_export_as_the_card_says(trained, tiny_model_dir, im
     np.testing.assert_allclose(render_32(pipe, PROMPT), images["trained"], atol=2e-3)
 
 
+def test_sample_applies_the_bundled_file_and_the_clip_l_file(trained, tiny_model_dir, images):
+    """`dreamtune sample --lora final/<name>.safetensors`: the LoRA and the bundled word (A1111's reading);
+    `--embedding diffusers/<name>_emb.safetensors` takes its words from the file's trigger."""
+    from dreamtune.commands.sample import load_extras
+
+    trainer, result = trained
+    out = result.output_dir
+    pipe = fresh_pipeline(tiny_model_dir, trainer.models.noise_scheduler)
+    assert load_extras(pipe, [str(out / "final" / f"{NAME}.safetensors")], [], 1.0) == [
+        f"embedding {NAME}", f"{NAME} x1"]
+    np.testing.assert_allclose(render_32(pipe, PROMPT.replace("<s0><s1>", NAME)), images["trained"], atol=2e-3)
+    pipe = fresh_pipeline(tiny_model_dir, trainer.models.noise_scheduler)
+    load_extras(pipe, [str(out / "diffusers")], [str(out / "diffusers" / f"{NAME}_emb.safetensors")], 1.0)
+    np.testing.assert_allclose(render_32(pipe, PROMPT), images["trained"], atol=2e-3)
+
+
 @pytest.mark.parametrize("export", ["diffusers", "kohya+a1111"])
 def test_exports_reproduce_the_trained_model(images, export):
     np.testing.assert_allclose(images[export], images["trained"], atol=2e-3)
