@@ -23,7 +23,7 @@ def test_every_shipped_config_validates(path: Path):
     text = path.read_text()
     assert text.startswith("#") and "--config configs/" + path.name in text, "open with the launch command"
     cfg = load_config(path)
-    assert cfg.trainer in ("lora", "dreambooth", "textual_inversion")
+    assert cfg.trainer in ("lora", "dreambooth", "textual_inversion", "pivotal")
     assert getattr(cfg, cfg.trainer) is not None
     # The resolved config round-trips through YAML unchanged.
     assert validate_config(__import__("yaml").safe_load(dump_config(cfg))) == cfg
@@ -78,10 +78,10 @@ def test_wrong_type_and_range_name_the_key(tmp_path):
     assert "'train.learning_rate'" in message and "'fast'" in message
 
 
-def test_bad_trainer_lists_the_three(tmp_path):
+def test_bad_trainer_lists_the_trainers(tmp_path):
     message = error_of(write(tmp_path, "trainer: lorra\n"))
     assert "'lorra' is not a trainer" in message
-    assert "dreambooth, lora, textual_inversion" in message
+    assert "dreambooth, lora, pivotal, textual_inversion" in message
 
 
 def test_missing_trainer(tmp_path):

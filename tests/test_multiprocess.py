@@ -54,6 +54,14 @@ def family_moved(run: Path, model_dir: Path) -> float:
     return max(v.abs().max().item() for k, v in tensors.items() if k.endswith(("lora_up.weight", "hada_w2_b")))
 
 
+def pivotal_moved(run: Path, model_dir: Path) -> float:
+    """The lesser of the new rows' distance from every base row and the LoRA's largest lora_B entry."""
+    base = load_file(str(model_dir / "text_encoder" / "model.safetensors"))
+    table = next(v for k, v in base.items() if k.endswith("token_embedding.weight"))
+    vectors = load_file(str(run / "diffusers" / "sks_toy_pivotal_emb.safetensors"))["clip_l"]
+    return min(torch.cdist(vectors.float(), table.float()).min().item(), lora_moved(run, model_dir))
+
+
 # trainer -> (recipe, overrides for both runs, how far training moved the exported weights)
 CASES = {
     "lora": ("tiny_lora.yaml", ["lora.train_text_encoder=true", "train.gradient_accumulation=2",
@@ -69,6 +77,9 @@ CASES = {
     "lora_dora": ("tiny_lora.yaml", ["lora.type=dora", "lora.conv_rank=2", "lora.train_text_encoder=true",
                                      "train.lr_warmup_steps=0"], family_moved),
     "lora_loha": ("tiny_lora.yaml", ["lora.type=loha", "train.lr_warmup_steps=0"], family_moved),
+    # The rows stop after step 2 while the text encoder's adapters go on training.
+    "pivotal": ("tiny_pivotal.yaml", ["lora.train_text_encoder=true", "pivotal.stop_fraction=0.5",
+                                      "train.lr_warmup_steps=0"], pivotal_moved),
 }
 
 

@@ -316,11 +316,12 @@ def test_benchmark_entries_are_the_packaged_recipes_and_configs_links_them():
 
     assert set(benchmark.ENTRIES) == set(benchmark.TARGETS) == {"lora", "dreambooth", "dreambooth_prior",
                                                                 "textual_inversion", "lora_dora", "locon", "loha",
-                                                                "lokr", "lora_prodigy"}
+                                                                "lokr", "lora_prodigy", "pivotal"}
     assert all(path.parent == RECIPE_DIR for path in benchmark.ENTRIES.values())
     configs = Path(__file__).resolve().parents[1] / "configs"
     links = {"quickstart_lora.yaml": "lora", "toyworld_dreambooth.yaml": "dreambooth",
-             "toyworld_dreambooth_prior.yaml": "dreambooth_prior", "toyworld_ti.yaml": "textual_inversion"}
+             "toyworld_dreambooth_prior.yaml": "dreambooth_prior", "toyworld_ti.yaml": "textual_inversion",
+             "toyworld_pivotal.yaml": "pivotal"}
     for name, entry in links.items():
         assert (configs / name).resolve() == benchmark.ENTRIES[entry].resolve(), name
     assert [benchmark.uses_prior(path) for path in benchmark.ENTRIES.values()] == [
@@ -443,6 +444,22 @@ def test_benchmark_tells_an_export_by_its_files(tmp_path):
         export_kind("missing", tmp_path / "missing" / "final")
 
 
+def test_benchmark_tells_a_pivotal_export_by_its_clip_l_file(tmp_path):
+    """A LoRA beside the advanced script's clip_l embedding is pivotal, not a plain LoRA."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dreamtune.toyworld.benchmark import export_kind
+
+    (tmp_path / "diffusers").mkdir()
+    (tmp_path / "final").mkdir()
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(tmp_path / "final" / "p.safetensors"))
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"))
+    assert export_kind("pivotal", tmp_path / "final") == "lora"
+    save_file({"clip_l": torch.zeros(2, 8)}, str(tmp_path / "diffusers" / "p_emb.safetensors"))
+    assert export_kind("pivotal", tmp_path / "final") == "pivotal"
+
+
 def test_benchmark_reads_a_lora_family_export_by_its_ui_file(tmp_path):
     """LoHa/LoKr/DoRA exports hold only the kohya/LyCORIS file: that is the export, loaded and sized."""
     import torch
@@ -516,7 +533,7 @@ def test_benchmark_runs_from_an_installed_wheel(tmp_path):
     assert Path(module).resolve().is_relative_to(installed), module
     assert Path(model_dir).resolve().is_relative_to(installed) and (Path(model_dir) / "model_index.json").is_file()
     assert entries == str(["dreambooth", "dreambooth_prior", "locon", "loha", "lokr", "lora", "lora_dora",
-                           "lora_prodigy", "textual_inversion"])
+                           "lora_prodigy", "pivotal", "textual_inversion"])
 
     dreamtune = python.with_name("dreamtune.exe" if os.name == "nt" else "dreamtune")
     run = subprocess.run([str(dreamtune), "evaluate", "--benchmark", "toyworld", "--quick", "--trainers", "lora",

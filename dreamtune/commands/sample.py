@@ -26,6 +26,19 @@ def _is_lycoris(path: Path) -> bool:
         return is_lycoris(f.keys())
 
 
+def _bundled(path: Path) -> tuple[dict, dict] | None:
+    """A kohya file with embeddings bundled in (pivotal tuning): (its LoRA tensors, {word: vectors}); else None."""
+    from safetensors.torch import load_file
+
+    from ..weights.embeddings import bundled_embeddings, is_bundle_key
+    from ..weights.safetensors_io import read_safetensors_header
+
+    if path.is_dir() or path.suffix != ".safetensors" or not any(map(is_bundle_key, read_safetensors_header(path))):
+        return None
+    tensors = load_file(str(path))
+    return {k: v for k, v in tensors.items() if not is_bundle_key(k)}, bundled_embeddings(tensors)
+
+
 def load_extras(pipe, loras: list[str], embeddings: list[str], default_scale: float) -> list[str]:
     """Load each LoRA (``FILE[:WEIGHT]``) and embedding (``FILE[:TOKEN]``) into ``pipe``; return what was loaded."""
     from ..errors import DreamtuneError
@@ -48,7 +61,13 @@ def load_extras(pipe, loras: list[str], embeddings: list[str], default_scale: fl
             loaded.append(f"{path.stem} x{scale:g}")
             continue
         folder, name = (path, None) if path.is_dir() else (path.parent, path.name)
-        pipe.load_lora_weights(str(folder), weight_name=name, adapter_name=f"lora{i}")
+        if bundle := _bundled(path):  # the LoRA keys (diffusers refuses the file whole), then each word's vectors
+            pipe.load_lora_weights(bundle[0], adapter_name=f"lora{i}")
+            for word, vectors in bundle[1].items():
+                pipe.load_textual_inversion(vectors, token=word)
+                loaded.append(f"embedding {word}")
+        else:
+            pipe.load_lora_weights(str(folder), weight_name=name, adapter_name=f"lora{i}")
         names.append(f"lora{i}")
         weights.append(scale)
         loaded.append(f"{path.stem} x{scale:g}")
@@ -58,9 +77,17 @@ def load_extras(pipe, loras: list[str], embeddings: list[str], default_scale: fl
         path, token = _with_value(text)
         if not path.is_file():
             raise DreamtuneError(f"--embedding: {path} is not a file")
-        if token is None and "emb_params" in read_safetensors_header(path):
+        header = read_safetensors_header(path)
+        if token is None and "emb_params" in header:
             token = path.stem  # an A1111 embedding: its file name is the word to type
-        pipe.load_textual_inversion(str(path), token=token)
+        if [k for k in header if k != "__metadata__"] == ["clip_l"]:  # the advanced script's file: the words are not in it
+            from ..weights.embeddings import load_embedding
+            from ..weights.safetensors_io import read_metadata
+
+            token = token or read_metadata(path).get("modelspec.trigger_phrase") or path.stem
+            pipe.load_textual_inversion(load_embedding(path)[0], token=token)
+        else:
+            pipe.load_textual_inversion(str(path), token=token)
         loaded.append(f"embedding {token or path.name}")
     return loaded
 

@@ -1,3 +1,3 @@
 """The built-in training methods, one folder each; importing a folder registers its method."""
 
-from . import dreambooth, lora, textual_inversion  # noqa: F401
+from . import dreambooth, lora, pivotal, textual_inversion  # noqa: F401

@@ -36,6 +36,10 @@ class Exporter:
         """The one file to give A1111/Forge, ComfyUI or InvokeAI, or None when no UI loads what this method writes."""
         return None
 
+    def for_uis(self, ui: str) -> str:
+        """The model card's line naming the file for UIs (``ui``, relative to the run folder)."""
+        return f"- For UIs (AUTOMATIC1111/Forge, ComfyUI, InvokeAI): `{ui}`\n"
+
     def trigger(self) -> str | None:
         """The word that calls up what was learned: ``data.token``, else the instance prompt; None for a style."""
         return self.cfg.data.token or self._instance_prompt()

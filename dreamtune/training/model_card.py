@@ -15,8 +15,7 @@ def write_model_card(run: RunFolder, cfg: RunConfig, exporter: Exporter, exporte
     trigger = exporter.trigger() or "(none: the model's style applies to any prompt)"
     ui = exporter.ui_file(exported)
     files = "\n".join(f"- `{p.relative_to(run.root)}`" + (" (the file for UIs)" if p == ui else "") for p in exported)
-    for_uis = (f"- For UIs (AUTOMATIC1111/Forge, ComfyUI, InvokeAI): `{ui.relative_to(run.root)}`\n"
-               if ui is not None else "")
+    for_uis = exporter.for_uis(ui.relative_to(run.root).as_posix()) if ui is not None else ""
     t = cfg.train
     settings = (
         f"steps {step}, batch {t.batch_size} x accumulation {t.gradient_accumulation}, learning rate "

@@ -17,10 +17,25 @@ from .family import adapter_modules
 
 class LoraExporter(Exporter):
     def write(self, out: RunFolder, modules: dict, step: int) -> list[Path]:
-        adapters = AdapterFile(**{part: adapter_modules(modules[part], self.method.initial.get(part))
-                                  for part in ("unet", "text_encoder") if part in modules})
+        adapters = self.adapters(modules)
+        kohya, metadata = self.kohya_file(adapters, step)
+        out.final.mkdir(parents=True, exist_ok=True)
+        files = [Path(save_safetensors(kohya, out.final / f"{self.cfg.output.name}.safetensors", metadata=metadata))]
+        if self.cfg.lora.type == "lora":
+            files.append(self.write_diffusers(out, adapters, metadata))
+        return files
+
+    def adapters(self, modules: dict) -> AdapterFile:
+        """The trained adapters of ``modules``, relative to the base as loaded."""
+        return AdapterFile(**{part: adapter_modules(modules[part], self.method.initial.get(part))
+                              for part in ("unet", "text_encoder") if part in modules})
+
+    def kohya_file(self, adapters: AdapterFile, step: int, bundle: dict | None = None) -> tuple[dict, dict[str, str]]:
+        """The kohya/LyCORIS tensors (in export.dtype, plus ``bundle`` as given) and the ``ss_*``/model-spec
+        metadata UIs show (its hashes cover every tensor)."""
         dtype = dtype_of(self.cfg.export.dtype)
         kohya = {k: (v.to(dtype) if v.dim() else v) for k, v in to_kohya_tensors(adapters).items()}
+        kohya.update(bundle or {})
         s, t = self.cfg.lora, self.cfg.train
         every = [m for _, _, m in adapters.parts()]
         metadata = kohya_metadata(
@@ -41,18 +56,19 @@ class LoraExporter(Exporter):
             extra={**network_metadata(s.type, s.conv_rank, s.conv_alpha, self._network_args()),
                    **kohya_text_metadata(self.cfg.model.clip_skip, self.cfg.data.max_token_length)},
         )
-        out.final.mkdir(parents=True, exist_ok=True)
-        files = [Path(save_safetensors(kohya, out.final / f"{self.cfg.output.name}.safetensors", metadata=metadata))]
-        if s.type == "lora":
-            # Neither UI reads the PEFT layout (ComfyUI applies only its text-encoder keys; InvokeAI: unknown).
-            out.diffusers.mkdir(parents=True, exist_ok=True)
-            files.append(Path(save_diffusers_lora(
-                out.diffusers,
-                lora_peft_state(adapters.unet),
-                lora_peft_state(adapters.text_encoder) or None,
-                metadata={k: v for k, v in metadata.items() if not k.startswith(("sshs_", "modelspec.hash"))},
-            )))
-        return files
+        return kohya, metadata
+
+    def write_diffusers(self, out: RunFolder, adapters: AdapterFile, metadata: dict[str, str]) -> Path:
+        """diffusers/pytorch_lora_weights.safetensors (PEFT layout; plain LoRA/LoCon only).
+
+        Neither UI reads the PEFT layout (ComfyUI applies only its text-encoder keys; InvokeAI: unknown)."""
+        out.diffusers.mkdir(parents=True, exist_ok=True)
+        return Path(save_diffusers_lora(
+            out.diffusers,
+            lora_peft_state(adapters.unet),
+            lora_peft_state(adapters.text_encoder) or None,
+            metadata={k: v for k, v in metadata.items() if not k.startswith(("sshs_", "modelspec.hash"))},
+        ))
 
     def ui_file(self, files: list[Path]) -> Path | None:
         return files[0]
