@@ -76,7 +76,7 @@ class TrainConfig(Section, ObjectiveSettings):
     resume: str | None = Field(None, description="null, 'auto' (latest checkpoint) or a checkpoint folder.")
     initial_step: int = Field(
         0, ge=0, description="Start as if N steps were done (data order, noise, lr schedule): continue from an "
-        "exported file (lora.init_from / textual_inversion.init_from) where a checkpoint is not at hand.",
+        "exported file (the method's init_from key) where a checkpoint is not at hand.",
     )
 
     @field_validator("mixed_precision", mode="before")

@@ -1,7 +1,7 @@
 """train.initial_step: start a run as if it had already made N steps (kohya's --initial_step).
 
-With ``lora.init_from`` / ``textual_inversion.init_from`` this continues from an exported file where a
-resume would continue from a checkpoint: the same data order, noise, timesteps and learning rate from
+With a method's ``init_from`` (an adapter or embedding file) this continues from an exported file where
+a resume would continue from a checkpoint: the same data order, noise, timesteps and learning rate from
 step N on. Only the optimizer's state (Adam's moments) cannot come from a weights file.
 """
 
