@@ -53,6 +53,16 @@ class TrainConfig(Section):
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5.0 is usual).")
     noise_offset: float = Field(0.0, ge=0)
     gradient_checkpointing: bool = False
+    # Speed switches (training/speed.py); each leaves the loss unchanged within floating-point rounding.
+    compile: bool = Field(False, description="torch.compile the UNet (slow first steps, faster after).")
+    channels_last: bool = Field(False, description="UNet weights and activations in channels_last memory format.")
+    allow_tf32: bool = Field(True, description="TF32 matmuls/convolutions on Ampere+ GPUs; no effect on CPU.")
+    attention: Literal["sdpa", "math", "flash", "efficient", "cudnn", "xformers"] = Field(
+        "sdpa", description="UNet attention kernel: sdpa lets torch choose; efficient, cudnn, xformers need CUDA.",
+    )
+    adamw_impl: Literal["auto", "fused", "foreach", "for_loop"] = Field(
+        "auto", description="torch AdamW implementation; auto is torch's choice (foreach on GPU).",
+    )
     save_every: int = Field(500, ge=0, description="Checkpoint cadence in steps; 0 saves none mid-run.")
     checkpoints_total_limit: int | None = Field(3, ge=1)
     resume: str | None = Field(None, description="null, 'auto' (latest checkpoint) or a checkpoint folder.")

@@ -34,6 +34,7 @@ from .interrupts import ForcedStop, RunStopped, StopFlag, any_process, forced_st
 from .ownership import RunOwnership
 from .progress import Eta, flat_config, log_images, run_scalars, run_summary, step_scalars
 from .run_folder import RunFolder
+from .speed import apply_speed_settings
 from .step import step_context
 from .outcome import RunResult, TrainingDiverged, diverged_message
 from .validation_loss import ValidationLoss
@@ -92,6 +93,7 @@ class Trainer:
             # Trainable weights stay fp32 so fp16 mixed precision can unscale their gradients.
             cast_training_params(module, dtype=torch.float32)
         self.weight_dtype = weight_dtype
+        apply_speed_settings(cfg.train, self.models.unet, acc.device)
 
         lr = cfg.train.learning_rate
         if cfg.train.scale_lr:

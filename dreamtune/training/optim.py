@@ -24,7 +24,16 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.opt
                 "install it for your CUDA version or use train.optimizer=adamw"
             ) from err
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs, **adamw_impl_kwargs(cfg))
+
+
+def adamw_impl_kwargs(cfg: TrainConfig) -> dict[str, bool]:
+    """train.adamw_impl as torch.optim.AdamW's ``fused``/``foreach`` flags ("auto": torch decides)."""
+    if cfg.adamw_impl != "auto" and cfg.optimizer != "adamw":
+        raise ConfigError(f"train.adamw_impl={cfg.adamw_impl} applies to train.optimizer=adamw only "
+                          f"(this run uses {cfg.optimizer}); set train.adamw_impl=auto")
+    return {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True},
+            "for_loop": {"foreach": False}}[cfg.adamw_impl]
 
 
 def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, num_processes: int):
