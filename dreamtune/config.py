@@ -61,7 +61,7 @@ class TrainConfig(Section):
         "sdpa", description="UNet attention kernel: sdpa lets torch choose; efficient, cudnn, xformers need CUDA.",
     )
     adamw_impl: Literal["auto", "fused", "foreach", "for_loop"] = Field(
-        "auto", description="torch AdamW implementation; auto is torch's choice (foreach on GPU).",
+        "auto", description="torch AdamW implementation; auto: fused where torch has the kernel (CPU, CUDA).",
     )
     save_every: int = Field(500, ge=0, description="Checkpoint cadence in steps; 0 saves none mid-run.")
     checkpoints_total_limit: int | None = Field(3, ge=1)
@@ -216,6 +216,7 @@ class RunConfig(Section):
             raise ValueError(f"validation.keep_best needs a held-out loss at every checkpoint: make train.save_every "
                              f"({t.save_every}) a multiple of validation.loss_every ({v.loss_every})")
         section.check_run(self)
+        self.data.resolve_auto_caches(text_encoder_frozen=section.text_encoder_change() is None)
         self._check_text_cache(section)
         if self.output.overwrite and self.train.resume is not None:
             raise ValueError("output.overwrite=true starts the run over and deletes the folder's checkpoints; it "
