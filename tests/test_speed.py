@@ -61,9 +61,10 @@ def test_allow_tf32_sets_both_torch_flags():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def test_the_default_run_sets_tf32_and_keeps_diffusers_attention(default_run):
+def test_the_default_run_sets_tf32_fuses_adamw_and_keeps_diffusers_attention(default_run):
     _, _, trainer = default_run
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert trainer.optimizer.optimizer.defaults["fused"] is True
     processors = trainer.models.unet.attn_processors.values()
     assert processors and not any(isinstance(p, KernelAttnProcessor) for p in processors)
 
@@ -84,10 +85,11 @@ def test_channels_last_is_used_and_trains_alike(default_run, tiny_model_dir, tmp
     assert_same_training(run, default_run)
 
 
-@pytest.mark.parametrize("impl, flag", [("fused", "fused"), ("foreach", "foreach"), ("for_loop", "foreach")])
+@pytest.mark.parametrize("impl, flag", [("foreach", "foreach"), ("for_loop", "foreach")])
 def test_adamw_impl_is_used_and_trains_alike(impl, flag, default_run, tiny_model_dir, tmp_path):
     run = run_recording(tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path, *STEPS, f"train.adamw_impl={impl}"))
     assert run[2].optimizer.optimizer.defaults[flag] is (impl != "for_loop")
+    assert not run[2].optimizer.optimizer.defaults["fused"]
     assert_same_training(run, default_run)
 
 
