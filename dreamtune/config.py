@@ -71,6 +71,16 @@ class TrainConfig(Section, ObjectiveSettings):
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5.0 is usual).")
     noise_offset: float = Field(0.0, ge=0)
     gradient_checkpointing: bool = False
+    # Speed switches (training/speed.py); each leaves the loss unchanged within floating-point rounding.
+    compile: bool = Field(False, description="torch.compile the UNet (slow first steps, faster after).")
+    channels_last: bool = Field(False, description="UNet weights and activations in channels_last memory format.")
+    allow_tf32: bool = Field(True, description="TF32 matmuls/convolutions on Ampere+ GPUs; no effect on CPU.")
+    attention: Literal["sdpa", "math", "flash", "efficient", "cudnn", "xformers"] = Field(
+        "sdpa", description="UNet attention kernel: sdpa lets torch choose; efficient, cudnn, xformers need CUDA.",
+    )
+    adamw_impl: Literal["auto", "fused", "foreach", "for_loop"] = Field(
+        "auto", description="torch AdamW implementation; auto: fused where torch has the kernel (CPU, CUDA).",
+    )
     save_every: int = Field(500, ge=0, description="Checkpoint cadence in steps; 0 saves none mid-run.")
     checkpoints_total_limit: int | None = Field(3, ge=1)
     resume: str | None = Field(None, description="null, 'auto' (latest checkpoint) or a checkpoint folder.")
@@ -256,6 +266,7 @@ class RunConfig(Section):
             raise ValueError(f"validation.keep_best needs a held-out loss at every checkpoint: make train.save_every "
                              f"({t.save_every}) a multiple of validation.loss_every ({v.loss_every})")
         section.check_run(self)
+        self.data.resolve_auto_caches(text_encoder_frozen=section.text_encoder_change() is None)
         self._check_text_cache(section)
         if self.output.overwrite and self.train.resume is not None:
             raise ValueError("output.overwrite=true starts the run over and deletes the folder's checkpoints; it "

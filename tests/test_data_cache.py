@@ -203,13 +203,17 @@ def captioned_toys(tmp_path: Path) -> Path:
     return target
 
 
+#: Both caches off (their default, auto, turns them on for these runs); a test's overrides come after.
+UNCACHED = ("data.cache_latents=none", "data.cache_text_embeddings=false")
+
+
 def run_lora(model_dir: Path, out: Path, *overrides: str) -> Trainer:
     """A 3-step LoRA run; ``trainer.initial`` holds the adapters before training and ``trainer.calls`` counts
     the VAE encodes and text-encoder forwards during the training steps."""
     cfg = tiny_run_config(
         "tiny_lora.yaml", model_dir, out, "train.max_steps=3", "train.learning_rate=5.0e-3",
         "train.lr_warmup_steps=0", "train.save_every=0", "validation.every=0", "validation.prompts=[]",
-        *overrides,
+        *UNCACHED, *overrides,
     )
     trainer = Trainer(cfg)
     setup = trainer._setup
@@ -283,7 +287,7 @@ def test_dreambooth_prior_preservation_with_both_caches_matches_uncached(tiny_mo
             "tiny_dreambooth.yaml", tiny_model_dir, out, "train.max_steps=2", "train.learning_rate=1.0e-3",
             "train.save_every=0", "validation.every=0", "validation.prompts=[]", "dreambooth.train_text_encoder=false",
             "dreambooth.ema=false", "dreambooth.use_ema_for=raw", f"dreambooth.class_dir={class_dir}",
-            "dreambooth.num_class_images=2", "export.dtype=fp32", *overrides,
+            "dreambooth.num_class_images=2", "export.dtype=fp32", *UNCACHED, *overrides,
         )
         trainer = Trainer(cfg)
         trainer.run()
@@ -296,3 +300,33 @@ def test_dreambooth_prior_preservation_with_both_caches_matches_uncached(tiny_mo
     base = load_file(str(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     a, b = (dict(t.models.unet.state_dict()) for t in (cached, plain))
     assert_same_weights(a, b, base)
+
+
+@pytest.mark.parametrize("recipe, overrides, latents, text", [
+    ("tiny_lora.yaml", [], "memory", True),
+    ("tiny_lora.yaml", ["data.center_crop=false"], "none", True),
+    ("tiny_lora.yaml", ["lora.train_text_encoder=true"], "memory", False),
+    ("tiny_lora.yaml", ["data.shuffle_tags=true"], "memory", False),
+    ("tiny_lora.yaml", ["data.cache_latents=disk", "data.cache_text_embeddings=false"], "disk", False),
+    ("tiny_ti.yaml", [], "memory", False),
+    ("tiny_dreambooth.yaml", [], "memory", False),
+    ("tiny_dreambooth.yaml", ["dreambooth.train_text_encoder=false"], "memory", True),
+])
+def test_auto_caches_turn_on_wherever_valid(recipe, overrides, latents, text, tiny_model_dir, tmp_path):
+    cfg = tiny_run_config(recipe, tiny_model_dir, tmp_path, *overrides)
+    assert (cfg.data.cache_latents, cfg.data.cache_text_embeddings) == (latents, text)
+
+
+def test_default_run_uses_both_caches_and_says_so(tiny_model_dir, tmp_path, capsys):
+    trainer = run_lora(tiny_model_dir, tmp_path, "data.cache_latents=auto", "data.cache_text_embeddings=auto")
+    assert trainer.calls == {"vae": 0, "text_encoder": 0}
+    assert "caches: latents in memory, text embeddings on" in capsys.readouterr().out
+
+
+def test_fingerprint_ignores_where_encoder_outputs_come_from(tiny_model_dir, tmp_path):
+    from dreamtune.training.ownership import run_fingerprint
+
+    default = tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path)
+    uncached = tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path, *UNCACHED)
+    other = tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path, *UNCACHED, "data.random_flip=false")
+    assert run_fingerprint(default) == run_fingerprint(uncached) != run_fingerprint(other)

@@ -119,7 +119,8 @@ def test_resume_from_a_non_checkpoint_names_it(tmp_path):
 def test_nan_loss_stops_without_export(tiny_model_dir, tmp_path, monkeypatch):
     from dreamtune.training import objective
 
-    monkeypatch.setattr(objective, "per_sample_error", lambda pred, target, *rest: torch.full((pred.shape[0],), float("nan")))
+    # A NaN that keeps the graph, as a real one does: the step's backward and update run, then the loss is read.
+    monkeypatch.setattr(objective, "per_sample_error", lambda pred, target, *rest: pred.float().flatten(1).mean(1) * float("nan"))
     with pytest.raises(TrainingDiverged, match="loss became nan at step 1.*learning_rate"):
         Trainer(config(tiny_model_dir, tmp_path, "train.max_steps=3")).run()
     assert not (tmp_path / "final").exists()

@@ -320,7 +320,8 @@ def test_flip_follows_the_config(tiny_model_dir, tmp_path, monkeypatch, random_f
 
     monkeypatch.setattr(ImageCaptionDataset, "example", recording)
     cfg = ti_config(tiny_model_dir, tmp_path / "out", f"data.instance_dir={folder}", f"data.random_flip={random_flip}",
-                    "data.num_workers=0", "train.max_steps=8", "train.batch_size=1", "train.save_every=0")
+                    "data.num_workers=0", "train.max_steps=8", "train.batch_size=1", "train.save_every=0",
+                    "data.cache_latents=none")  # the examples carry pixels to look at
     Trainer(cfg).run()
     flipped = [bool(p[:, :, :16].mean() > p[:, :, 16:].mean()) for p in seen]
     assert len(seen) >= 8

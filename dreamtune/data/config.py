@@ -85,8 +85,9 @@ class DataConfig(SourceOptions):
     max_bucket_side: int = Field(1024, ge=8, description="Largest bucket side in pixels.")
     bucket_step: int = Field(64, ge=8, description="Bucket sides are multiples of this.")
     bucket_no_upscale: bool = Field(False, description="Small images get a smaller bucket instead of an upscale.")
-    cache_latents: Literal["none", "memory", "disk"] = Field(
-        "none", description="Encode each image with the VAE once: in memory, or on disk (reused across runs)."
+    cache_latents: Literal["auto", "none", "memory", "disk"] = Field(
+        "auto", description="Encode each image with the VAE once: in memory, or on disk (reused across runs); "
+        "auto: memory wherever each image's crop is fixed (center_crop, not streaming), else none.",
     )
     cache_dir: str | None = Field(None, description="Folder for cache_latents=disk; default <first source>/.dreamtune_cache.")
     masked_loss: bool = Field(
@@ -104,9 +105,9 @@ class DataConfig(SourceOptions):
         75, description="Caption tokens the text encoder reads: 150 or 225 encode longer captions in 75-token windows "
         "(kohya's convention); longer captions are cut at this length.",
     )
-    cache_text_embeddings: bool = Field(
-        False, description="Run the frozen text encoder once per distinct caption (needs fixed captions: no tag "
-        "shuffle or tag dropout; not with a trained text encoder or textual_inversion).",
+    cache_text_embeddings: bool | Literal["auto"] = Field(
+        "auto", description="Run the frozen text encoder once per distinct caption (needs fixed captions: no tag "
+        "shuffle or tag dropout; not with a trained text encoder or textual_inversion); auto: wherever that holds.",
     )
 
     @model_validator(mode="after")
@@ -125,19 +126,19 @@ class DataConfig(SourceOptions):
                     f"data.min_bucket_side ({self.min_bucket_side}) <= data.resolution ({self.resolution}) "
                     f"<= data.max_bucket_side ({self.max_bucket_side}) must hold"
                 )
-        if self.cache_latents != "none" and not self.center_crop:
+        if self.cache_latents in ("memory", "disk") and not self.center_crop:
             raise ValueError(
                 f"data.cache_latents={self.cache_latents} needs data.center_crop=true: a random crop differs every "
                 "epoch, so there is no fixed latent to cache. Set data.center_crop=true or data.cache_latents=none"
             )
         if self.bucketing and self.streaming:
             raise ValueError("data.bucketing needs every image size up front; it cannot bucket a streamed dataset")
-        if self.cache_latents != "none" and self.streaming:
+        if self.cache_latents in ("memory", "disk") and self.streaming:
             raise ValueError(
                 f"data.cache_latents={self.cache_latents} cannot cache a streamed dataset: a stream is read once and "
                 "never held, so every latent would be used once. Set data.streaming=false or data.cache_latents=none"
             )
-        if self.cache_text_embeddings:
+        if self.cache_text_embeddings is True:
             self._check_fixed_captions()
         self._check_masks()
         return self
@@ -149,6 +150,18 @@ class DataConfig(SourceOptions):
         if self.masked_loss and any(s.dataset for s in self.source_configs()):
             raise ValueError("data.masked_loss reads each image's mask from its file (alpha channel or data.mask_dir), "
                              "so it needs data.instance_dir sources, not data.dataset; drop masked_loss or use a folder")
+
+    def resolve_auto_caches(self, text_encoder_frozen: bool) -> None:
+        """Turn cache_latents/cache_text_embeddings ``auto`` into the cache the run can use, and say which.
+
+        The latent cache needs a fixed crop per image (flips are cached both ways); the text cache needs fixed
+        captions and a text encoder that never changes (``text_encoder_frozen``, from the method's settings).
+        """
+        if self.cache_latents == "auto":
+            self.cache_latents = "memory" if self.center_crop and not self.streaming else "none"
+        if self.cache_text_embeddings == "auto":
+            varying = self.streaming or any(s.shuffle_tags or s.tag_dropout for s in self.source_configs())
+            self.cache_text_embeddings = text_encoder_frozen and not varying
 
     def _check_fixed_captions(self) -> None:
         """data.cache_text_embeddings: refuse, naming the key, whatever makes a caption differ between epochs."""

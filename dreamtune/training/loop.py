@@ -28,8 +28,9 @@ from .interrupts import ForcedStop, RunStopped, StopFlag, any_process, forced_st
 from .ownership import RunOwnership
 from .progress import Eta, flat_config, log_images, run_scalars, run_summary, step_scalars
 from .run_folder import RunFolder
+from .speed import apply_speed_settings
 from .step import step_context
-from .outcome import RunResult, TrainingDiverged, diverged_message
+from .outcome import RunResult, TrainingDiverged, diverged_message, stop_if_diverged
 from .validation_loss import ValidationLoss
 
 
@@ -80,6 +81,7 @@ class Trainer:
                     module, "gradient_checkpointing_enable", None
                 )
                 enable() if enable is not None else None
+        apply_speed_settings(cfg.train, self.models.unet, acc.device)
 
         lr = cfg.train.learning_rate
         if cfg.train.scale_lr:
@@ -232,7 +234,7 @@ class Trainer:
         hidden = self._encode_text(captions)
         losses = self.per_sample_losses(unet, moments, hidden, generators, batch.get("mask"))
         loss, scalars = self.method.loss(losses, ctx)
-        return loss, {"loss": loss.detach().item(), **scalars}
+        return loss, {"loss": loss.detach(), **scalars}  # tensors: read once per step, in step_scalars
 
     def run(self) -> RunResult:
         """Set up, train, validate and export; a second Ctrl-C ends it with RunStopped (EXIT_INTERRUPTED)."""
@@ -301,13 +303,9 @@ class Trainer:
                 micro_step = global_step * cfg.train.gradient_accumulation + accumulated
                 with acc.accumulate(*self.trained.values()):
                     loss, scalars = self._train_step(batch, micro_step)
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(diverged_message(f"loss became {loss.item()}", global_step + 1,
-                                                         self.checkpoints_dir))
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.train.max_grad_norm > 0:
-                        grad_norm = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
-                        scalars["grad_norm"] = float(grad_norm)
+                        scalars["grad_norm"] = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm).detach()
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -317,7 +315,9 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 accumulated = 0
+                # The step's one host sync; a NaN loss stops the run here, before any hook, save or export.
                 scalars, stopping = step_scalars(acc, micro_scalars, stop.requested)
+                stop_if_diverged(scalars["loss"], global_step + 1, self.checkpoints_dir)
                 micro_scalars = []
                 self.method.after_step(global_step + 1)
                 global_step += 1

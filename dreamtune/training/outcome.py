@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,12 @@ def diverged_message(what: str, step: int, checkpoints_dir: Path) -> str:
         "Try a lower train.learning_rate, train.mixed_precision=bf16 or no, or model.vae_dtype=fp32 (the VAE in "
         "full precision)."
     )
+
+
+def stop_if_diverged(loss: float, step: int, checkpoints_dir: Path) -> None:
+    """Raise TrainingDiverged when a step's loss is NaN/inf (every process sees the same, all-reduced, loss)."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(diverged_message(f"loss became {loss}", step, checkpoints_dir))
 
 
 @dataclass

@@ -23,7 +23,11 @@ from ..errors import DreamtuneError
 from .run_folder import STATE_FILE, RunFolder, list_checkpoints
 
 #: train.* keys a resume may change without making it another run.
-RESUMABLE_TRAIN_KEYS = ("resume", "max_steps", "save_every", "checkpoints_total_limit")
+RESUMABLE_TRAIN_KEYS = ("resume", "max_steps", "save_every", "checkpoints_total_limit",
+                        # How the math runs, not what it computes (training/speed.py).
+                        "compile", "channels_last", "allow_tf32", "attention", "adamw_impl")
+#: data.* keys that say where the frozen encoders' outputs come from, not what they are.
+CACHE_DATA_KEYS = ("cache_latents", "cache_text_embeddings", "cache_dir")
 
 
 class RunFolderTaken(DreamtuneError):
@@ -38,7 +42,8 @@ def fingerprint_fields(cfg: RunConfig) -> dict:
     """The config values that change the trained weights, as flat ``section.key`` -> value."""
     dumped = cfg.model_dump(mode="json")
     train = {k: v for k, v in dumped["train"].items() if k not in RESUMABLE_TRAIN_KEYS}
-    sections = {"trainer": dumped["trainer"], "model": dumped["model"], "data": dumped["data"], "train": train,
+    data = {k: v for k, v in dumped["data"].items() if k not in CACHE_DATA_KEYS}
+    sections = {"trainer": dumped["trainer"], "model": dumped["model"], "data": data, "train": train,
                 cfg.trainer: dumped[cfg.trainer]}
     flat: dict = {}
     for name, value in sections.items():

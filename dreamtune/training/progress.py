@@ -66,20 +66,39 @@ def run_summary(cfg, accelerator, params, models, dataset, steps_per_epoch: floa
         f"{t.max_steps} steps, {epochs} epochs\n"
         f"  effective batch {effective} (batch {t.batch_size} x accumulation "
         f"{t.gradient_accumulation} x {procs} processes), precision {t.mixed_precision}, device {accelerator.device}\n"
+        f"{cache_summary(cfg.data)}\n"
         f"  outputs -> {output_dir}"
     )
 
 
+def cache_summary(data_cfg) -> str:
+    """Which caches the run uses, and the rule their default (auto) follows."""
+    latents = {"none": "off", "memory": "in memory", "disk": "on disk"}[data_cfg.cache_latents]
+    text = "on" if data_cfg.cache_text_embeddings else "off"
+    return (f"  caches: latents {latents}, text embeddings {text} (data.cache_latents / data.cache_text_embeddings; "
+            "auto caches wherever crops and captions are fixed and the text encoder is frozen)")
+
+
 def step_scalars(accelerator, micro: list[dict], stop_requested: bool) -> tuple[dict[str, float], bool]:
-    """One step's scalars, averaged over its micro-batches and all processes; and whether any process must stop."""
+    """One step's scalars, averaged over its micro-batches and all processes; and whether any process must stop.
+
+    Micro-step scalars may be device tensors: they are read here, once per optimizer step, so a GPU step has
+    one host sync (after the optimizer step is queued) instead of one per micro-step and value.
+    """
     import torch
 
+    device = accelerator.device
     keys = [k for k in micro[0] if k != "grad_norm"]  # the grad norm is already global and per step
-    local = [sum(m[k] for m in micro) / len(micro) for k in keys] + [float(stop_requested)]
-    reduced = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="mean").tolist()
+    # Summed in float64, as Python floats were before, so the logged values are the same to the bit.
+    local = [(sum(torch.as_tensor(m[k], dtype=torch.float64, device=device) for m in micro) / len(micro)).float()
+             for k in keys] + [torch.tensor(float(stop_requested), device=device)]
+    if "grad_norm" in micro[-1]:  # carried along so that the step reads every device value in one sync
+        local.append(torch.as_tensor(micro[-1]["grad_norm"], dtype=torch.float32, device=device))
+    reduced = accelerator.reduce(torch.stack(local), reduction="mean").tolist()
     scalars = dict(zip(keys, reduced))
     if "grad_norm" in micro[-1]:
-        scalars["grad_norm"] = micro[-1]["grad_norm"]
+        scalars["grad_norm"] = reduced[-1]
+        reduced = reduced[:-1]
     # Every process stops at the same step, or the others would wait forever in the next all-reduce.
     return scalars, reduced[-1] > 0
 

@@ -110,7 +110,7 @@ class DreamBoothMethod(TrainingMethod):
             return per_sample.mean(), {}
         instance, prior = per_sample[:n].mean(), per_sample[n:].mean()
         total = instance + self.settings.prior_loss_weight * prior
-        return total, {"loss_instance": float(instance.detach()), "loss_prior": float(prior.detach())}
+        return total, {"loss_instance": instance.detach(), "loss_prior": prior.detach()}  # read in step_scalars
 
     def after_step(self, step: int) -> None:
         """Update the EMA copies, then stop the text encoder once dreambooth.text_encoder_steps is reached."""
