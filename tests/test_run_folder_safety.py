@@ -414,3 +414,17 @@ def test_a_mistyped_relative_model_path_is_not_sent_to_the_hub(tiny_model_dir, t
     with pytest.raises(ModelLoadError, match=r"models/tiny-sd does not exist: no such folder or file") as info:
         Trainer(cfg).run()
     assert "hf download" not in str(info.value)
+
+
+def test_the_fingerprint_leaves_keys_at_their_default_out(tiny_model_dir, tmp_path):
+    """So a release that adds a key (at the default that keeps old behaviour) can still resume older runs."""
+    from dreamtune.training.ownership import fingerprint_fields, run_fingerprint
+
+    cfg = tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path)
+    fields = fingerprint_fields(cfg)
+    assert "train.loss_type" not in fields and "data.masked_loss" not in fields and "model.clip_skip" not in fields
+    assert fields["trainer"] == "lora" and fields["data.resolution"] == 32
+    spelled_out = tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path, "train.loss_type=l2", "model.clip_skip=1")
+    assert run_fingerprint(spelled_out) == run_fingerprint(cfg)
+    assert run_fingerprint(tiny_run_config("tiny_lora.yaml", tiny_model_dir, tmp_path, "train.loss_type=l1")) != \
+        run_fingerprint(cfg)

@@ -39,11 +39,16 @@ class OutputNotWritable(DreamtuneError, OSError):
 
 
 def fingerprint_fields(cfg: RunConfig) -> dict:
-    """The config values that change the trained weights, as flat ``section.key`` -> value."""
-    dumped = cfg.model_dump(mode="json")
-    train = {k: v for k, v in dumped["train"].items() if k not in RESUMABLE_TRAIN_KEYS}
-    data = {k: v for k, v in dumped["data"].items() if k not in CACHE_DATA_KEYS}
-    sections = {"trainer": dumped["trainer"], "model": dumped["model"], "data": data, "train": train,
+    """The config values that change the trained weights, as flat ``section.key`` -> value.
+
+    Keys at their default are left out, so a release that adds a key (at a default that keeps the old
+    behaviour) does not turn a run's resume into another run.
+    """
+    dumped = cfg.model_dump(mode="json", exclude_defaults=True)
+    dumped.setdefault(cfg.trainer, {})
+    train = {k: v for k, v in dumped.get("train", {}).items() if k not in RESUMABLE_TRAIN_KEYS}
+    data = {k: v for k, v in dumped.get("data", {}).items() if k not in CACHE_DATA_KEYS}
+    sections = {"trainer": dumped["trainer"], "model": dumped.get("model", {}), "data": data, "train": train,
                 cfg.trainer: dumped[cfg.trainer]}
     flat: dict = {}
     for name, value in sections.items():
