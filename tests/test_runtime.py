@@ -298,7 +298,8 @@ def test_trackers_log_expected_keys_at_global_steps(tiny_model_dir, tmp_path, mo
                  "validation.every=2", "validation.num_inference_steps=2", "validation.images_per_prompt=1",
                  "train.gradient_accumulation=2", "train.batch_size=1")
     Trainer(cfg).run()
-    events = sorted((tmp_path / "logs").rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_size)[-1]
+    # The run's own writer; accelerate writes the config's hparams with another, into a subfolder.
+    events, = (tmp_path / "logs" / cfg.logging.project).glob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events.parent), size_guidance={"scalars": 0, "images": 0})
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
