@@ -10,7 +10,8 @@ each update of the training progress bar, so steps/s is measured the same way fo
 ``--warmup`` on; on a GPU the hook synchronises at each stamp and reports the peak memory of the steps.
 
     python scripts/bench_vs_diffusers.py --diffusers-examples DIR       # CPU: the tiny model, 64 px
-    python scripts/bench_vs_diffusers.py --diffusers-examples DIR --device cuda   # SD 1.5 geometry, 512 px
+    python scripts/bench_vs_diffusers.py --diffusers-examples DIR --device cuda  # SD 1.5 geometry, 512 px,
+                                                                # then scripts/bench_gpu.py's memory table
 
 DIR holds train_dreambooth_lora.py, train_dreambooth.py and textual_inversion.py from the diffusers release
 you have installed (examples/dreambooth/ and examples/textual_inversion/ of its source). Without
@@ -256,6 +257,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for CPU runs")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's peak dense fp16 TFLOP/s for MFU")
     parser.add_argument("--json", help="also write every measurement here")
+    parser.add_argument("--no-recipes", action="store_true",
+                        help="on CUDA, skip scripts/bench_gpu.py (the shipped recipes' peak memory against the targets)")
     args = parser.parse_args()
     import torch
 
@@ -304,6 +307,9 @@ def main() -> int:
             flops = unet_flops(model, case, s["batch"] * (2 if case == "dreambooth" else 1), resolution)
             results[case] = {"settings": s, "runs": runs, "unet_flops_per_micro_step": flops}
         print_table(results, gpu, peak)
+    if gpu and not args.no_recipes:
+        print("\nThe shipped recipes as shipped (scripts/bench_gpu.py):", flush=True)
+        subprocess.run([args.python, str(REPO / "scripts" / "bench_gpu.py"), "--steps", "15"], check=False)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "steps": steps, "resolution": resolution,
                                                "results": results}, indent=2) + "\n")
