@@ -52,7 +52,7 @@ def test_both_sides_get_the_same_settings(bench, tmp_path):
     assert flag("--mixed_precision") == "no" and flag("--num_class_images") == "1"
     assert "--with_prior_preservation" in theirs and "--use_8bit_adam" not in theirs
     cached = bench.dreamtune_command("dreambooth", s, Path("m"), Path("d"), classes, Path("o"), 60, 64, caches=True)
-    assert "data.cache_latents=memory" in cached and "data.cache_text_embeddings=true" in cached
+    assert not [arg for arg in cached if arg.startswith("data.cache_")]  # the defaults decide
 
 
 def test_an_incomplete_examples_folder_is_named(tmp_path):
