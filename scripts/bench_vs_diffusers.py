@@ -3,14 +3,14 @@
 Each case trains the same model on the same images for the same steps, batch, resolution, precision, rank
 and target modules through dreamtune (`train.py`) and through diffusers' own example script
 (`train_dreambooth_lora.py`, `train_dreambooth.py`, `textual_inversion.py`), unmodified, each run in its own
-process, alternating runs over rounds (the order rotates each round). A third row per case runs dreamtune
-with the caches on (data.cache_latents=memory, and data.cache_text_embeddings where the text encoder is
-frozen). Every process gets the same small timing hook (a sitecustomize module on PYTHONPATH) that stamps
+process, alternating runs over rounds (the order rotates each round). dreamtune runs twice per round: with
+both caches off, and with its defaults (data.cache_latents/cache_text_embeddings auto: on where valid). Every process gets the same small timing hook (a sitecustomize module on PYTHONPATH) that stamps
 each update of the training progress bar, so steps/s is measured the same way for both, from step
 ``--warmup`` on; on a GPU the hook synchronises at each stamp and reports the peak memory of the steps.
 
     python scripts/bench_vs_diffusers.py --diffusers-examples DIR       # CPU: the tiny model, 64 px
-    python scripts/bench_vs_diffusers.py --diffusers-examples DIR --device cuda   # SD 1.5 geometry, 512 px
+    python scripts/bench_vs_diffusers.py --diffusers-examples DIR --device cuda  # SD 1.5 geometry, 512 px,
+                                                                # then scripts/bench_gpu.py's memory table
 
 DIR holds train_dreambooth_lora.py, train_dreambooth.py and textual_inversion.py from the diffusers release
 you have installed (examples/dreambooth/ and examples/textual_inversion/ of its source). Without
@@ -131,15 +131,14 @@ def settings(device: str) -> dict:
 
 def dreamtune_command(case: str, s: dict, model: Path, data: Path, classes: Path, out: Path, steps: int,
                       resolution: int, caches: bool) -> list[str]:
-    """train.py with the case's recipe, overridden to the shared settings."""
+    """train.py with the case's recipe, overridden to the shared settings; the caches off, or as the defaults say."""
     over = [f"model.pretrained={model}", f"data.instance_dir={data}", f"output.dir={out}", "data.dataset=null",
             f"data.resolution={resolution}", "data.center_crop=true", "data.num_workers=0",
             f"train.max_steps={steps}", f"train.batch_size={s['batch']}",
             f"train.gradient_accumulation={s['accumulation']}", f"train.learning_rate={s['lr']}",
             f"train.mixed_precision={s['precision']}", "train.lr_scheduler=constant", "train.lr_warmup_steps=0",
             "train.seed=0", "train.save_every=0", "train.resume=null", "train.snr_gamma=null",
-            "validation.prompts=[]", "logging.report_to=[]",
-            f"data.cache_latents={'memory' if caches else 'none'}"]
+            "validation.prompts=[]", "logging.report_to=[]"]
     if case == "lora":
         over += [f"data.instance_prompt={PROMPT}", "data.random_flip=false", "lora.rank=4", "lora.alpha=4",
                  "lora.target_modules=[to_q,to_k,to_v,to_out.0]"]
@@ -154,8 +153,8 @@ def dreamtune_command(case: str, s: dict, model: Path, data: Path, classes: Path
         over += ["data.random_flip=true", f"textual_inversion.placeholder_token={TOKEN}",
                  f"textual_inversion.initializer_token={INIT}", "textual_inversion.num_vectors=1",
                  "train.scale_lr=false"]
-    text_cache = caches and case != "textual_inversion"  # TI trains the text encoder's input
-    over.append(f"data.cache_text_embeddings={str(text_cache).lower()}")
+    if not caches:  # with caches, the defaults (auto) choose them, as for a user
+        over += ["data.cache_latents=none", "data.cache_text_embeddings=false"]
     return [str(REPO / "train.py"), "--config", str(REPO / "configs" / RECIPES[case]), *over]
 
 
@@ -256,6 +255,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for CPU runs")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's peak dense fp16 TFLOP/s for MFU")
     parser.add_argument("--json", help="also write every measurement here")
+    parser.add_argument("--no-recipes", action="store_true",
+                        help="on CUDA, skip scripts/bench_gpu.py (the shipped recipes' peak memory against the targets)")
     args = parser.parse_args()
     import torch
 
@@ -287,14 +288,14 @@ def main() -> int:
             runners = {
                 "diffusers": lambda o: diffusers_command(case, s, examples, model, data, classes, o, steps, resolution),
                 "dreamtune": lambda o: dreamtune_command(case, s, model, data, classes, o, steps, resolution, False),
-                "dreamtune + caches": lambda o: dreamtune_command(case, s, model, data, classes, o, steps, resolution,
+                "dreamtune defaults": lambda o: dreamtune_command(case, s, model, data, classes, o, steps, resolution,
                                                                   True),
             }
             names = list(runners)
             runs = {n: [] for n in names}
             for r in range(args.rounds):
                 for name in names[r % len(names):] + names[: r % len(names)]:
-                    out = tmp / f"{case}-{name.replace(' + ', '-')}-{r}"
+                    out = tmp / f"{case}-{name.replace(' ', '-')}-{r}"
                     out.mkdir()
                     result = run_once(runners[name](out / "run"), args.python, tmp / "hook", out / "run", env)
                     result["steps_per_s"], result["cpu_ms_per_step"] = step_rates(result.pop("stamps"), args.warmup)
@@ -304,6 +305,9 @@ def main() -> int:
             flops = unet_flops(model, case, s["batch"] * (2 if case == "dreambooth" else 1), resolution)
             results[case] = {"settings": s, "runs": runs, "unet_flops_per_micro_step": flops}
         print_table(results, gpu, peak)
+    if gpu and not args.no_recipes:
+        print("\nThe shipped recipes as shipped (scripts/bench_gpu.py):", flush=True)
+        subprocess.run([args.python, str(REPO / "scripts" / "bench_gpu.py"), "--steps", "15"], check=False)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "steps": steps, "resolution": resolution,
                                                "results": results}, indent=2) + "\n")
