@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
@@ -14,6 +13,8 @@ from .data.config import DataConfig
 from .errors import ConfigError
 from .registry import registered_methods
 from .training.objective_settings import ObjectiveSettings
+from .training.optimizer_settings import OptimizerSettings
+from .training.speed_settings import SpeedSettings
 
 
 class Section(BaseModel):
@@ -40,11 +41,7 @@ class ModelConfig(Section):
                            "CLIP skip 2), through its final layer norm; in training, sampling and the text cache.")
 
 
-#: train.optimizer's built-in names; anything else must be an import path.
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion", "lion8bit", "adafactor", "adamw_schedulefree")
-
-
-class TrainConfig(Section, ObjectiveSettings):
+class TrainConfig(Section, ObjectiveSettings, OptimizerSettings, SpeedSettings):
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
@@ -54,33 +51,12 @@ class TrainConfig(Section, ObjectiveSettings):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
-    optimizer: str = Field(
-        "adamw", description=f"{' | '.join(OPTIMIZERS)}, or an optimizer class's import path (package.module.Class).",
-    )
-    optimizer_args: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments for the optimizer; they override the adam_* values.",
-    )
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_weight_decay: float = Field(1.0e-2, ge=0)
-    adam_epsilon: float = Field(1.0e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    full_bf16: bool = Field(False, description="Trained weights in bf16 too, no fp32 copy (needs mixed_precision=bf16).")
     seed: int = 42
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5.0 is usual).")
     noise_offset: float = Field(0.0, ge=0)
     gradient_checkpointing: bool = False
-    # Speed switches (training/speed.py); each leaves the loss unchanged within floating-point rounding.
-    compile: bool = Field(False, description="torch.compile the UNet (slow first steps, faster after).")
-    channels_last: bool = Field(False, description="UNet weights and activations in channels_last memory format.")
-    allow_tf32: bool = Field(True, description="TF32 matmuls/convolutions on Ampere+ GPUs; no effect on CPU.")
-    attention: Literal["sdpa", "math", "flash", "efficient", "cudnn", "xformers"] = Field(
-        "sdpa", description="UNet attention kernel: sdpa lets torch choose; efficient, cudnn, xformers need CUDA.",
-    )
-    adamw_impl: Literal["auto", "fused", "foreach", "for_loop"] = Field(
-        "auto", description="torch AdamW implementation; auto: fused where torch has the kernel (CPU, CUDA).",
-    )
     save_every: int = Field(500, ge=0, description="Checkpoint cadence in steps; 0 saves none mid-run.")
     checkpoints_total_limit: int | None = Field(3, ge=1)
     resume: str | None = Field(None, description="null, 'auto' (latest checkpoint) or a checkpoint folder.")
@@ -94,35 +70,6 @@ class TrainConfig(Section, ObjectiveSettings):
     def _yaml_no(cls, value):
         # YAML 1.1 reads an unquoted `no` (accelerate's spelling, in a file or on the command line) as false.
         return "no" if value is False else value
-
-    @field_validator("optimizer")
-    @classmethod
-    def _optimizer_name(cls, value: str) -> str:
-        if value in OPTIMIZERS or re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", value):
-            return value
-        raise ValueError(f"choose one of {', '.join(OPTIMIZERS)}, or an import path such as torch.optim.RAdam")
-
-    @model_validator(mode="after")
-    def _optimizer_rules(self) -> "TrainConfig":
-        if self.full_bf16 and self.mixed_precision != "bf16":
-            raise ValueError(f"train.full_bf16=true keeps the trained weights in bf16 and needs "
-                             f"train.mixed_precision=bf16 (got {self.mixed_precision}); set it, or full_bf16=false")
-        own_schedule = {"adamw_schedulefree": ("warms up inside the optimizer (train.lr_warmup_steps)",
-                                               ("constant", "constant_with_warmup"))}
-        if adafactor_relative_step(self):
-            own_schedule["adafactor"] = ("computes its own step size with optimizer_args.relative_step=true "
-                                         "(set relative_step=false to use train.learning_rate)", ("constant",))
-        if self.optimizer in own_schedule and self.lr_scheduler not in own_schedule[self.optimizer][1]:
-            why, allowed = own_schedule[self.optimizer]
-            raise ValueError(f"train.optimizer={self.optimizer} {why}, so train.lr_scheduler must be "
-                             f"{' or '.join(allowed)} (got {self.lr_scheduler})")
-        return self
-
-
-def adafactor_relative_step(train: TrainConfig) -> bool:
-    """Adafactor in relative-step mode (its default, and kohya's): no learning rate, its own schedule."""
-    return train.optimizer == "adafactor" and bool(train.optimizer_args.get("relative_step", True))
-
 
 class ValidationConfig(Section):
     prompts: list[str] = Field(default_factory=list)

@@ -14,7 +14,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import TrainConfig, adafactor_relative_step
+from ..config import TrainConfig
+from .optimizer_settings import adafactor_relative_step
 from ..errors import ConfigError
 
 #: The pip line that installs every optional optimizer.
