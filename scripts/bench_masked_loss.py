@@ -36,7 +36,7 @@ BIG = world.RESOLUTION * world.SUPERSAMPLE
 DISTRACTOR = {"color": world.COLORS["green"], "center": (0.17, 0.17), "radius": 0.14}
 #: A sample shows a distractor when it has at least this many such pixels (the circle covers ~65 of 1024).
 MIN_PIXELS = 8
-MODES = {"unmasked": [], "masked": ["data.masked_loss=true", "data.unmasked_weight=0.0"]}
+MODES = {"unmasked": [], "masked": ["data.masked_loss=true"]}
 
 
 def distractor_pixels(image: Image.Image) -> int:
@@ -85,14 +85,14 @@ def write_data(folder: Path) -> tuple[Path, Path]:
 
 
 def train_and_sample(mode: str, seed: int, images: Path, masks: Path, out: Path, steps: int, samples: int,
-                     judge) -> dict:
+                     judge, unmasked_weight: float = 0.0) -> dict:
     """One LoRA run with the toy-world recipe, then the distractor rate and concept fidelity of its samples."""
     from dreamtune.config import load_config
     from dreamtune.toyworld.generate import generate, score
     from dreamtune.toyworld.paths import MODEL_DIR, find_recipes
     from dreamtune.training.loop import train
 
-    extra = [f"data.mask_dir={masks}"] if mode == "masked" else []
+    extra = [f"data.mask_dir={masks}", f"data.unmasked_weight={unmasked_weight}"] if mode == "masked" else []
     cfg = load_config(find_recipes()["lora"], [
         f"model.pretrained={MODEL_DIR}", f"data.instance_dir={images}", f"output.dir={out}", f"train.seed={seed}",
         f"train.max_steps={steps}", "train.save_every=0", "validation.prompts=[]", "logging.report_to=[]",
@@ -134,6 +134,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--steps", type=int, default=400, help="training steps per run (the recipe's 400)")
     parser.add_argument("--out", default=None, help="keep runs, sample grids and results.json here")
+    parser.add_argument("--unmasked-weight", type=float, default=0.0, help="data.unmasked_weight of the masked runs")
     args = parser.parse_args()
 
     import torch
@@ -154,9 +155,10 @@ def main() -> int:
         rows[seed] = {}
         for mode in MODES:
             rows[seed][mode] = train_and_sample(mode, seed, images, masks, out / f"seed-{seed}" / mode, args.steps,
-                                                args.samples, judge)
+                                                args.samples, judge, args.unmasked_weight)
             print(f"seed {seed} {mode}: {rows[seed][mode]}", flush=True)
             (out / "results.json").write_text(json.dumps({"steps": args.steps, "samples": args.samples,
+                                                          "unmasked_weight": args.unmasked_weight,
                                                           "rows": rows}, indent=2) + "\n")
     print(table(rows))
     print(f"runs, sample grids and results.json in {out}")
