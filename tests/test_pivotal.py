@@ -237,8 +237,10 @@ def images(trained, tiny_model_dir):
                                                   inference_scheduler(m.noise_scheduler)), PROMPT)}
     images["base"] = render_32(fresh_pipeline(tiny_model_dir, m.noise_scheduler), PROMPT)
     for name, lora, embedding in [
-        ("diffusers", (out / "diffusers", "pytorch_lora_weights.safetensors"), out / "diffusers" / f"{NAME}_emb.safetensors"),
-        ("kohya+a1111", (out / "variants" / "lora", f"{NAME}.safetensors"), out / "variants" / "embedding" / f"{NAME}.safetensors"),
+        ("diffusers", (out / "diffusers", "pytorch_lora_weights.safetensors"),
+         out / "diffusers" / f"{NAME}_emb.safetensors"),
+        ("kohya+a1111", (out / "variants" / "lora", f"{NAME}.safetensors"),
+         out / "variants" / "embedding" / f"{NAME}.safetensors"),
     ]:
         pipe = fresh_pipeline(tiny_model_dir, m.noise_scheduler)
         pipe.load_lora_weights(str(lora[0]), weight_name=lora[1])
