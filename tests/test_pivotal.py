@@ -294,3 +294,28 @@ def test_diffusers_refuses_the_bundled_file(trained, tiny_model_dir):
     pipe = fresh_pipeline(tiny_model_dir, trainer.models.noise_scheduler)
     with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
         pipe.load_lora_weights(str(result.output_dir / "final"), weight_name=f"{NAME}.safetensors")
+
+
+def test_loha_adapter_exports_and_loads_through_merge_lora(tiny_model_dir, tmp_path):
+    """lora.type loha: no diffusers LoRA file; the benchmark bakes variants/lora/ in and adds the words."""
+    from dreamtune.models.pipeline import build_pipeline, inference_scheduler
+    from dreamtune.toyworld.benchmark import load_export
+
+    trainer = Trainer(pivotal_config(tiny_model_dir, tmp_path, "lora.type=loha", "lora.train_text_encoder=false",
+                                     "train.max_steps=2", "train.save_every=0", "validation.prompts=[]",
+                                     "export.dtype=fp32"))
+    result = trainer.run()
+    out = result.output_dir
+    assert [p.relative_to(out).as_posix() for p in result.exported] == [
+        f"final/{NAME}.safetensors", f"variants/lora/{NAME}.safetensors", f"variants/embedding/{NAME}.safetensors",
+        f"diffusers/{NAME}_emb.safetensors"]
+    assert "merge-lora" in (out / "README.md").read_text()
+    m = trainer.models
+    for module in (m.unet, m.text_encoder):
+        module.eval()
+    expected = render_32(build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet,
+                                        inference_scheduler(m.noise_scheduler)), PROMPT)
+    pipe = load_export("pivotal", tiny_model_dir, out / "final")
+    pipe.scheduler = inference_scheduler(m.noise_scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(render_32(pipe, PROMPT), expected, atol=2e-3)
