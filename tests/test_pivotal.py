@@ -85,6 +85,7 @@ def test_config_without_lora_section_gets_its_defaults(tiny_model_dir, tmp_path)
     (["pivotal.stop_fraction=0"], r"'pivotal.stop_fraction'"),
     (["pivotal.norm_pull=2"], r"'pivotal.norm_pull'"),
     (["pivotal.lr=1"], r"unknown key 'pivotal.lr'"),
+    (["pivotal.adapter_start=0.6"], r"pivotal.adapter_start \(0.6\) is after pivotal.stop_fraction \(0.5\)"),
     (["lora.rank_dropout=0.1"], r"lora.rank_dropout applies to lora.type loha or lokr"),
 ])
 def test_config_errors_name_the_key(tiny_model_dir, tmp_path, overrides, message):
@@ -319,3 +320,19 @@ def test_loha_adapter_exports_and_loads_through_merge_lora(tiny_model_dir, tmp_p
     pipe.scheduler = inference_scheduler(m.noise_scheduler)
     pipe.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(render_32(pipe, PROMPT), expected, atol=2e-3)
+
+
+def test_adapter_waits_for_its_start_while_the_words_learn(tiny_model_dir, tmp_path):
+    """pivotal.adapter_start=0.5 of 4 steps: lora_B (zero at the start) stays zero through step 2, then learns."""
+    trainer = Trainer(pivotal_config(tiny_model_dir, tmp_path, "train.max_steps=4", "pivotal.stop_fraction=1.0",
+                                     "pivotal.adapter_start=0.5", "validation.prompts=[]"))
+    result = trainer.run()
+    at_2 = load_file(str(checkpoint(result, 2) / "trainable_unet.safetensors"))
+    ups = [k for k in at_2 if "lora_B" in k]
+    assert ups and all(not at_2[k].any() for k in ups), "the adapter learned before its start"
+    live = dict(trainer.models.unet.named_parameters())
+    assert all(live[k].detach().abs().sum() > 0 for k in ups), "the adapter did not learn after its start"
+    rows_2 = load_file(str(checkpoint(result, 2) / "trainable_text_encoder.safetensors"))["placeholder_rows"]
+    start = saved_state(tiny_model_dir, "text_encoder")["embeddings.token_embedding.weight"][
+        trainer.models.tokenizer.convert_tokens_to_ids("toy</w>")]
+    assert all(not torch.equal(row, start) for row in rows_2), "the words did not learn alone"
