@@ -85,6 +85,7 @@ def test_config_without_lora_section_gets_its_defaults(tiny_model_dir, tmp_path)
     (["pivotal.stop_fraction=0"], r"'pivotal.stop_fraction'"),
     (["pivotal.norm_pull=2"], r"'pivotal.norm_pull'"),
     (["pivotal.lr=1"], r"unknown key 'pivotal.lr'"),
+    (["pivotal.adapter_start=0.6"], r"pivotal.adapter_start \(0.6\) is after pivotal.stop_fraction \(0.5\)"),
     (["lora.rank_dropout=0.1"], r"lora.rank_dropout applies to lora.type loha or lokr"),
 ])
 def test_config_errors_name_the_key(tiny_model_dir, tmp_path, overrides, message):
@@ -237,8 +238,10 @@ def images(trained, tiny_model_dir):
                                                   inference_scheduler(m.noise_scheduler)), PROMPT)}
     images["base"] = render_32(fresh_pipeline(tiny_model_dir, m.noise_scheduler), PROMPT)
     for name, lora, embedding in [
-        ("diffusers", (out / "diffusers", "pytorch_lora_weights.safetensors"), out / "diffusers" / f"{NAME}_emb.safetensors"),
-        ("kohya+a1111", (out / "variants" / "lora", f"{NAME}.safetensors"), out / "variants" / "embedding" / f"{NAME}.safetensors"),
+        ("diffusers", (out / "diffusers", "pytorch_lora_weights.safetensors"),
+         out / "diffusers" / f"{NAME}_emb.safetensors"),
+        ("kohya+a1111", (out / "variants" / "lora", f"{NAME}.safetensors"),
+         out / "variants" / "embedding" / f"{NAME}.safetensors"),
     ]:
         pipe = fresh_pipeline(tiny_model_dir, m.noise_scheduler)
         pipe.load_lora_weights(str(lora[0]), weight_name=lora[1])
@@ -292,3 +295,44 @@ def test_diffusers_refuses_the_bundled_file(trained, tiny_model_dir):
     pipe = fresh_pipeline(tiny_model_dir, trainer.models.noise_scheduler)
     with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
         pipe.load_lora_weights(str(result.output_dir / "final"), weight_name=f"{NAME}.safetensors")
+
+
+def test_loha_adapter_exports_and_loads_through_merge_lora(tiny_model_dir, tmp_path):
+    """lora.type loha: no diffusers LoRA file; the benchmark bakes variants/lora/ in and adds the words."""
+    from dreamtune.models.pipeline import build_pipeline, inference_scheduler
+    from dreamtune.toyworld.benchmark import load_export
+
+    trainer = Trainer(pivotal_config(tiny_model_dir, tmp_path, "lora.type=loha", "lora.train_text_encoder=false",
+                                     "train.max_steps=2", "train.save_every=0", "validation.prompts=[]",
+                                     "export.dtype=fp32"))
+    result = trainer.run()
+    out = result.output_dir
+    assert [p.relative_to(out).as_posix() for p in result.exported] == [
+        f"final/{NAME}.safetensors", f"variants/lora/{NAME}.safetensors", f"variants/embedding/{NAME}.safetensors",
+        f"diffusers/{NAME}_emb.safetensors"]
+    assert "merge-lora" in (out / "README.md").read_text()
+    m = trainer.models
+    for module in (m.unet, m.text_encoder):
+        module.eval()
+    expected = render_32(build_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet,
+                                        inference_scheduler(m.noise_scheduler)), PROMPT)
+    pipe = load_export("pivotal", tiny_model_dir, out / "final")
+    pipe.scheduler = inference_scheduler(m.noise_scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(render_32(pipe, PROMPT), expected, atol=2e-3)
+
+
+def test_adapter_waits_for_its_start_while_the_words_learn(tiny_model_dir, tmp_path):
+    """pivotal.adapter_start=0.5 of 4 steps: lora_B (zero at the start) stays zero through step 2, then learns."""
+    trainer = Trainer(pivotal_config(tiny_model_dir, tmp_path, "train.max_steps=4", "pivotal.stop_fraction=1.0",
+                                     "pivotal.adapter_start=0.5", "validation.prompts=[]"))
+    result = trainer.run()
+    at_2 = load_file(str(checkpoint(result, 2) / "trainable_unet.safetensors"))
+    ups = [k for k in at_2 if "lora_B" in k]
+    assert ups and all(not at_2[k].any() for k in ups), "the adapter learned before its start"
+    live = dict(trainer.models.unet.named_parameters())
+    assert all(live[k].detach().abs().sum() > 0 for k in ups), "the adapter did not learn after its start"
+    rows_2 = load_file(str(checkpoint(result, 2) / "trainable_text_encoder.safetensors"))["placeholder_rows"]
+    start = saved_state(tiny_model_dir, "text_encoder")["embeddings.token_embedding.weight"][
+        trainer.models.tokenizer.convert_tokens_to_ids("toy</w>")]
+    assert all(not torch.equal(row, start) for row in rows_2), "the words did not learn alone"

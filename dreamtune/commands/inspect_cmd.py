@@ -15,8 +15,8 @@ def _human(info: dict) -> str:
              f"{info['parameters']:,} parameters"]
     if "dtypes" in info:
         lines.append(f"  dtypes: {info['dtypes']}")
-    for key in ("algorithms", "ranks", "alphas", "modules", "conv_modules", "targets", "bundled_embeddings", "vectors", "dim", "token",
-                "pipeline"):
+    for key in ("algorithms", "ranks", "alphas", "modules", "conv_modules", "targets", "bundled_embeddings", "vectors",
+                "dim", "token", "pipeline"):
         if key in info:
             lines.append(f"  {key}: {info[key]}")
     for name, part in info.get("components", {}).items():

@@ -61,7 +61,7 @@ def load_extras(pipe, loras: list[str], embeddings: list[str], default_scale: fl
             loaded.append(f"{path.stem} x{scale:g}")
             continue
         folder, name = (path, None) if path.is_dir() else (path.parent, path.name)
-        if bundle := _bundled(path):  # the LoRA keys (diffusers refuses the file whole), then each word's vectors
+        if bundle := _bundled(path):  # the LoRA keys (diffusers refuses the whole file), then each word
             pipe.load_lora_weights(bundle[0], adapter_name=f"lora{i}")
             for word, vectors in bundle[1].items():
                 pipe.load_textual_inversion(vectors, token=word)
@@ -80,7 +80,7 @@ def load_extras(pipe, loras: list[str], embeddings: list[str], default_scale: fl
         header = read_safetensors_header(path)
         if token is None and "emb_params" in header:
             token = path.stem  # an A1111 embedding: its file name is the word to type
-        if [k for k in header if k != "__metadata__"] == ["clip_l"]:  # the advanced script's file: the words are not in it
+        if [k for k in header if k != "__metadata__"] == ["clip_l"]:  # the advanced script's file: no words in it
             from ..weights.embeddings import load_embedding
             from ..weights.safetensors_io import read_metadata
 

@@ -50,8 +50,9 @@ TARGETS = {
     "dreambooth_prior": {"concept": 0.8, "prompt": 0.6, "base_accuracy": 0.9},
     "textual_inversion": {"concept": 0.5},
     **{entry: {"concept": 0.8, "prompt": 0.6} for entry in ("lora_dora", "locon", "loha", "lokr", "lora_prodigy")},
-    # Issue #25: LoRA's concept fidelity (97% on seeds 0-2) and its base-prompt accuracy (71%) + 10 points.
-    "pivotal": {"concept": 0.97, "prompt": 0.6, "base_accuracy": 0.81},
+    # Issue #25: at least LoRA's concept fidelity on seeds 0-2 (93 of 96 samples) and its base-prompt
+    # accuracy (68 of 96) + 10 points.
+    "pivotal": {"concept": 93 / 96, "prompt": 0.6, "base_accuracy": 68 / 96 + 0.10},
 }
 GENERATION = {"steps": 30, "guidance": 3.0}
 

@@ -45,6 +45,8 @@ class PivotalMethod(LoraMethod):
         self.settings = cfg.lora  # LoraMethod's hooks read the adapter's own section
         self.rows = NewRows(self.pivotal.words)
         self.stop_step = self.pivotal.stop_step(cfg.train.max_steps)
+        self.start_step = self.pivotal.start_step(cfg.train.max_steps)
+        self._adapter_waits = False
         self.rows_frozen = False
         self._vocabulary_norm = 0.0
 
@@ -55,7 +57,12 @@ class PivotalMethod(LoraMethod):
         refuse_known_words(models.tokenizer, self.pivotal.words,
                            "pivotal.tokens" if self.pivotal.tokens else "pivotal (its default words <s0>, <s1>, ...)")
         self.rows.add(models.tokenizer, models.text_encoder, self._start_rows(models))
-        self.rows.train(models.text_encoder)
+        table = self.rows.train(models.text_encoder)
+        if self.start_step:
+            for module in self.trained_modules().values():
+                for param in module.parameters():
+                    if param.requires_grad and param is not table:
+                        param.register_hook(self._hold_adapter)
         self._vocabulary_norm = float(self.rows.old_rows().float().norm(dim=1).mean())
 
     def _start_rows(self, models) -> torch.Tensor:
@@ -94,8 +101,15 @@ class PivotalMethod(LoraMethod):
         return [*super().checkpoint_objects(), _RowsStop(self)]
 
     # -- per step -----------------------------------------------------------------------------
+    def _hold_adapter(self, grad: torch.Tensor) -> torch.Tensor:
+        """Before pivotal.adapter_start an adapter weight gets a zero gradient (the words learn alone)."""
+        return torch.zeros_like(grad) if self._adapter_waits else grad
+
     def captions(self, captions: list[str], ctx: StepContext) -> list[str]:
-        """A caption without the new words gets them in front; an empty one (caption dropout) stays empty."""
+        """A caption without the new words gets them in front; an empty one (caption dropout) stays empty.
+
+        Also where the step is known before the backward pass: whether the adapter still waits."""
+        self._adapter_waits = ctx.global_step < self.start_step
         phrase = self.pivotal.phrase
         return [ensure_token(c, phrase) if c.strip() else c for c in captions]
 

@@ -29,6 +29,10 @@ class PivotalSettings(MethodSettings):
     stop_fraction: float = Field(
         0.5, gt=0, le=1, description="Train the new rows for this fraction of train.max_steps, then only the adapter."
     )
+    adapter_start: float = Field(
+        0.0, ge=0, lt=1, description="The adapter learns from this fraction of train.max_steps on; the words learn "
+        "alone before (pivotal tuning's original order). 0 trains both from the start, as the advanced script.",
+    )
     norm_pull: float = Field(
         0.1, ge=0, le=1, description="After each step each new row's norm moves this far (in log scale) toward the "
         "vocabulary's mean row norm; 1 sets it exactly, 0 leaves it free.",
@@ -36,6 +40,9 @@ class PivotalSettings(MethodSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "PivotalSettings":
+        if self.adapter_start > self.stop_fraction:
+            raise ValueError(f"pivotal.adapter_start ({self.adapter_start}) is after pivotal.stop_fraction "
+                             f"({self.stop_fraction}): nothing would train in between; start the adapter earlier")
         if self.tokens is not None:
             if len(self.tokens) != self.num_vectors:
                 raise ValueError(f"pivotal.tokens has {len(self.tokens)} words but pivotal.num_vectors is "
@@ -55,6 +62,10 @@ class PivotalSettings(MethodSettings):
     def phrase(self) -> str:
         """What ``{token}`` becomes in captions and what diffusers prompts write: the words run together."""
         return "".join(self.words)
+
+    def start_step(self, max_steps: int) -> int:
+        """Steps done before the adapter learns."""
+        return round(self.adapter_start * max_steps)
 
     def stop_step(self, max_steps: int) -> int:
         """The last step that trains the new rows."""
