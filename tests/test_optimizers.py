@@ -164,6 +164,10 @@ def test_optimizer_args_override_the_adam_defaults():
                                         "train.optimizer_args={d_coef: 2.0, betas: [0.8, 0.9]}"), groups())
     group = opt.param_groups[0]
     assert group["d_coef"] == 2.0 and group["betas"] == (0.8, 0.9) and group["weight_decay"] == 0.5
+    assert group["use_bias_correction"] and group["safeguard_warmup"]  # Prodigy's advice for diffusion, by default
+    plain = optim.build_optimizer(opt_cfg("train.optimizer=prodigy", "train.optimizer_args={use_bias_correction: "
+                                          "false, safeguard_warmup: false}"), groups())
+    assert not plain.param_groups[0]["use_bias_correction"] and not plain.param_groups[0]["safeguard_warmup"]
     lion = optim.build_optimizer(opt_cfg("train.optimizer=lion", "train.adam_weight_decay=0.3"), groups())
     assert lion.param_groups[0]["betas"] == (0.9, 0.99) and lion.param_groups[0]["weight_decay"] == 0.3
 

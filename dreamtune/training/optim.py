@@ -21,6 +21,9 @@ from ..errors import ConfigError
 #: The pip line that installs every optional optimizer.
 EXTRA = "pip install 'dreamtune[optimizers]'"
 
+#: Prodigy's arguments where ours differ from its own defaults; train.optimizer_args overrides them.
+PRODIGY_DEFAULTS = {"use_bias_correction": True, "safeguard_warmup": True}
+
 #: Prodigy's learning rate multiplies the step size it estimates; below this, training barely moves.
 PRODIGY_LOW_LR = 0.1
 
@@ -72,7 +75,8 @@ def _optimizer_class_and_defaults(cfg: TrainConfig, groups: list[dict[str, Any]]
                 "and the learning rate only scales it; set train.learning_rate=1.0 (and any per-module lr to 1.0)",
                 stacklevel=3,
             )
-        return _import("prodigyopt", "prodigyopt", cfg).Prodigy, adam
+        # Prodigy's advice for diffusion models; without bias correction its early steps overshoot (docs/benchmarks.md).
+        return _import("prodigyopt", "prodigyopt", cfg).Prodigy, {**adam, **PRODIGY_DEFAULTS}
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
