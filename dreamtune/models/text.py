@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from .wrappers import bare_module
 
 #: Tokens a window holds between its BOS and EOS.
 INNER = 75
@@ -42,18 +43,9 @@ def token_ids(tokenizer, captions: list[str], max_token_length: int = INNER) -> 
     return torch.cat(windows, dim=1)
 
 
-def _bare(module: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP (``module``) and torch.compile (``_orig_mod``) wrappers."""
-    while True:
-        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return module
-        module = inner
-
-
 def check_clip_skip(text_encoder: torch.nn.Module, clip_skip: int) -> None:
     """Refuse a clip_skip beyond the text encoder's layers, naming the key."""
-    layers = _bare(text_encoder).config.num_hidden_layers
+    layers = bare_module(text_encoder).config.num_hidden_layers
     if clip_skip > layers:
         raise ConfigError(f"model.clip_skip={clip_skip}, but the text encoder has {layers} layers; "
                          f"use 1 (last layer) to {layers}")
@@ -61,14 +53,14 @@ def check_clip_skip(text_encoder: torch.nn.Module, clip_skip: int) -> None:
 
 def encode_tokens(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
     """Hidden states [B, tokens, width] for ``token_ids`` output: windows encoded apart and joined as kohya does."""
-    window = _bare(text_encoder).config.max_position_embeddings
+    window = bare_module(text_encoder).config.max_position_embeddings
     batch, windows = input_ids.shape[0], input_ids.shape[1] // window
     flat = input_ids.reshape(batch * windows, window)
     if clip_skip == 1:
         hidden = text_encoder(flat, return_dict=False)[0]
     else:
         states = text_encoder(flat, output_hidden_states=True, return_dict=True).hidden_states
-        hidden = _bare(text_encoder).final_layer_norm(states[-clip_skip])
+        hidden = bare_module(text_encoder).final_layer_norm(states[-clip_skip])
     if windows == 1:
         return hidden
     hidden = hidden.reshape(batch, windows * window, hidden.shape[-1])

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..models.pipeline import build_pipeline, resolve_scheduler
+from ..models.wrappers import bare_module
 from .diffusers_folder import SD1_CONFIG_DIR, load_clip_tokenizer, read_config
 from .ldm_keys import (
     TEXT_MODEL_PREFIX,
@@ -288,13 +289,6 @@ def _components(pipe_or_components: Any) -> dict[str, Any]:
     return parts
 
 
-def _unwrap(model: Any) -> Any:
-    """Strip DDP/compile wrappers (``.module`` / ``._orig_mod``) so ``.config`` is reachable."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = model.module if hasattr(model, "module") else model._orig_mod
-    return model
-
-
 def checkpoint_metadata(title: str, extra: Mapping[str, Any] | None = None, *, resolution: int | None = None,
                         prediction_type: str | None = None) -> dict[str, Any]:
     """SAI model-spec keys for an SD 1.x single-file checkpoint, then ``extra`` (which wins)."""
@@ -314,7 +308,7 @@ def save_single_file(
     fp16 by default; SAI model-spec metadata is written, overridden by ``metadata``. Atomic.
     """
     parts = _components(pipe_or_components)
-    unet, vae, text_encoder = (_unwrap(parts[n]) for n in ("unet", "vae", "text_encoder"))
+    unet, vae, text_encoder = (bare_module(parts[n]) for n in ("unet", "vae", "text_encoder"))
     tensors = diffusers_to_single_file(
         unet.state_dict(), vae.state_dict(), text_encoder.state_dict(),
         dict(unet.config), dict(vae.config), dtype=dtype,
