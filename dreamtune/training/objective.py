@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models.pipeline import with_zero_terminal_snr
-from .losses import debiased_weights, elementwise_loss, huber_threshold, loss_weights, reduce_per_sample
+from .losses import debiased_weights, elementwise_loss, huber_threshold, loss_weights, reduce_per_sample, snr
 
 
 def sample_generators(seed: int, micro_step: int, positions: list[int]) -> list[torch.Generator]:
@@ -126,13 +126,11 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     epsilon: min(snr, g) / snr; v-prediction: min(snr, g) / (snr + 1), since the v loss already
     carries a factor (snr + 1) relative to the x0 loss.
     """
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps).float()
-    clipped = torch.clamp(snr, max=gamma)
+    ratio = snr(scheduler, timesteps)
+    clipped = torch.clamp(ratio, max=gamma)
     if scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped / snr.clamp(min=1e-8)
+        return clipped / (ratio + 1)
+    return clipped / ratio.clamp(min=1e-8)
 
 
 def per_sample_error(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
