@@ -61,7 +61,7 @@ def main() -> int:
         out = Path(args.out) / f"seed-{seed}"
         data = bench.write_concept_folder(out / "data" / "concept")
         if args.reuse and (out / "dreambooth" / "final").is_dir():
-            final, token = out / "dreambooth" / "final", "sks"
+            final, token = out / "dreambooth" / "final", bench.TOKEN
         else:
             final, seconds, token = bench.train_entry("dreambooth", out, data, None, seed, args.quick, bench.MODEL_DIR)
         tuned = RunFolder(final.parent).diffusers
