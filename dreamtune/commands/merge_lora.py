@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
             te_names = text_encoder_module_names(base)
             files = [(read_adapter(p, args.allow_pickle, unet_module_names(unet_map), te_names), s) for p, s in loras]
             state = merge_adapters(base, files, unet_map, DTYPES.get(args.dtype))
-        words, skipped = merge_bundled_words(state, files, load_clip_tokenizer(config_dir / "tokenizer"))
+        words, skipped = [], {}
+        if any(adapters.embeddings for adapters, _ in files):  # the tokenizer only where a bundled word needs it
+            words, skipped = merge_bundled_words(state, files, load_clip_tokenizer(config_dir / "tokenizer"))
         settings = {"loras": describe_loras([p for p, _ in loras], [s for _, s in loras]),
                     "dtype": args.dtype or "as base"}
         meta = provenance("merge-lora", [args.base, *(p for p, _ in loras)], settings, hash_inputs=not args.no_hash)
