@@ -16,7 +16,7 @@ def latent_encoder(data_cfg, vae, device):
     from ..data.latent_cache import LatentEncoder, module_fingerprint
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return latent_moments(vae, pixels.to(device, dtype=vae.dtype))
+        return latent_moments(vae, pixels.to(device))
 
     return LatentEncoder(encode, module_fingerprint(vae, {**vae.config, "dtype": str(vae.dtype)}))
 

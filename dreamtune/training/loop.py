@@ -228,9 +228,8 @@ class Trainer:
         if "latent_moments" in batch:  # data.cache_latents: the VAE ran once, before training
             moments = batch["latent_moments"].to(acc.device, dtype=self.weight_dtype)
         else:
-            pixels = batch["pixel_values"].to(acc.device, dtype=m.vae.dtype)
             with torch.no_grad():
-                moments = latent_moments(m.vae, pixels).to(self.weight_dtype)
+                moments = latent_moments(m.vae, batch["pixel_values"].to(acc.device)).to(self.weight_dtype)
         hidden = self._encode_text(captions)
         losses = self.per_sample_losses(unet, moments, hidden, generators, batch.get("mask"))
         loss, scalars = self.method.loss(losses, ctx)

@@ -32,8 +32,10 @@ def _stack(draws: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 
 def latent_moments(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """The VAE's scaled latent distribution [B, 2, C, h, w] (mean, std): what the latent cache stores."""
-    dist, scale = vae.encode(pixels).latent_dist, vae.config.scaling_factor
+    """The VAE's scaled latent distribution [B, 2, C, h, w] (mean, std): what the latent cache stores.
+
+    ``pixels`` are cast to the VAE's dtype (model.vae_dtype may keep it fp32 under mixed precision)."""
+    dist, scale = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist, vae.config.scaling_factor
     return torch.stack([dist.mean * scale, dist.std * scale], dim=1)
 
 

@@ -59,8 +59,7 @@ class ValidationLoss:
                                   positions=(index,), num_instance=1, generators=generators)
                 captions = tr.method.captions([example["caption"]], ctx)
                 hidden = tr.method.encode_text(text_encoder, tr._input_ids(captions))
-                pixels = example["pixel_values"][None].to(acc.device, dtype=models.vae.dtype)
-                moments = latent_moments(models.vae, pixels).to(tr.weight_dtype)
+                moments = latent_moments(models.vae, example["pixel_values"][None].to(acc.device)).to(tr.weight_dtype)
                 losses[index] = tr.per_sample_losses(unet, moments, hidden, list(generators))[0].double()
         for name, module in modules.items():
             module.train(modes[name])
